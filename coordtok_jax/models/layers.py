@@ -1,0 +1,249 @@
+"""Transformer building blocks shared by the CoordTok encoder and decoder.
+
+Conventions
+* Parameters are float32 and carry logical axis names (`out_sharding` metadata, read by
+  `nnx.get_partition_spec`); the trainer maps them to mesh axes with the rules in the config.
+  Names: 'embed' (model width), 'mlp' (MLP hidden), 'qkv' (packed q/k/v outputs), 'heads'
+  (attention output rows), 'norm' (LayerNorm vectors), 'layers' (stacked blocks).
+* Initialisation is PyTorch's default, as the official model uses no custom init:
+  Linear/Conv weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the packed in_proj of
+  nn.MultiheadAttention is Xavier-uniform over the packed (3D, D) matrix.
+* Attention runs through `jax.nn.dot_product_attention` (implementation from the config, so the
+  cuDNN flash kernel can be selected on GPUs); logits are scaled by head_dim**-0.5 before the
+  additive bias, as in PyTorch.
+* Layers of one kind are stacked (one parameter tree with a leading 'layers' axis) and run with
+  `jax.lax.scan`, optionally rematerialised with a named `jax.checkpoint_policies` policy. This is
+  the only layout: checkpoints and conversion use the stacked one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """How layers compute: dtype of activations/matmuls, attention kernel, remat policy."""
+
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: Optional[str] = None
+    remat_policy: str = "none"
+
+
+def named(init: Callable, axes: Sequence[Optional[str]]) -> Callable:
+    """Attaches logical axis names to an initializer (metadata only; never shards eagerly)."""
+    return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def torch_uniform(fan_in: int) -> Callable:
+    """PyTorch's default Linear/Conv bias (and weight) init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in from the kernel shape.
+TORCH_KERNEL_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+XAVIER_UNIFORM = nnx.initializers.xavier_uniform()
+
+
+def normal(stddev: float) -> Callable:
+    def init(key, shape, dtype=jnp.float32):
+        return stddev * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def dense(
+    din: int,
+    dout: int,
+    axes: tuple[Optional[str], Optional[str]],
+    compute: Compute,
+    rngs: nnx.Rngs,
+    *,
+    use_bias: bool = True,
+    kernel_init: Callable = TORCH_KERNEL_INIT,
+) -> nnx.Linear:
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=compute.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=named(kernel_init, axes),
+        bias_init=named(torch_uniform(din), axes[1:]),
+        rngs=rngs,
+    )
+
+
+def layer_norm(dim: int, eps: float, compute: Compute, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=compute.dtype,
+        param_dtype=jnp.float32,
+        scale_init=named(nnx.initializers.ones_init(), ("norm",)),
+        bias_init=named(nnx.initializers.zeros_init(), ("norm",)),
+        rngs=rngs,
+    )
+
+
+def patch_conv(
+    cin: int, dout: int, patch: Sequence[int], compute: Compute, rngs: nnx.Rngs
+) -> nnx.Conv:
+    """Conv with kernel = stride = patch (VALID): the official Conv2d/Conv3d patch embeddings."""
+    patch = tuple(int(p) for p in patch)
+    fan_in = cin * math.prod(patch)
+    return nnx.Conv(
+        cin,
+        dout,
+        kernel_size=patch,
+        strides=patch,
+        padding="VALID",
+        dtype=compute.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=named(TORCH_KERNEL_INIT, (None,) * len(patch) + (None, "embed")),
+        bias_init=named(torch_uniform(fan_in), ("embed",)),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with a packed q/k/v projection (kernel (D, 3D) = [Wq | Wk | Wv]).
+
+    Self-attention when `memory` is None, otherwise queries from `x` and keys/values from
+    `memory` (torch nn.MultiheadAttention(q, mem, mem)). Heads are contiguous slices of D.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        compute: Compute,
+        rngs: nnx.Rngs,
+        *,
+        qkv_bias: bool,
+        out_bias: bool,
+        qkv_init: Callable = TORCH_KERNEL_INIT,
+    ):
+        self.dim = dim
+        self.num_heads = num_heads
+        self.compute = compute
+        self.qkv = dense(dim, 3 * dim, ("embed", "qkv"), compute, rngs, use_bias=qkv_bias, kernel_init=qkv_init)
+        self.proj = dense(dim, dim, ("heads", "embed"), compute, rngs, use_bias=out_bias)
+
+    def _project(self, x: jax.Array, lo: int, hi: int) -> jax.Array:
+        dtype = self.compute.dtype
+        y = jnp.dot(x.astype(dtype), self.qkv.kernel[:, lo:hi].astype(dtype))
+        if self.qkv.bias is not None:
+            y = y + self.qkv.bias[lo:hi].astype(dtype)
+        return y
+
+    def __call__(
+        self,
+        x: jax.Array,
+        memory: Optional[jax.Array] = None,
+        *,
+        bias: Optional[jax.Array] = None,
+        mask: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        d, h = self.dim, self.num_heads
+        if memory is None:
+            q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        else:
+            q = self._project(x, 0, d)
+            k, v = jnp.split(self._project(memory, d, 3 * d), 2, axis=-1)
+        split = lambda t: t.reshape(t.shape[:-1] + (h, d // h))
+        out = jax.nn.dot_product_attention(
+            split(q),
+            split(k),
+            split(v),
+            bias=None if bias is None else bias.astype(q.dtype),
+            mask=mask,
+            scale=(d // h) ** -0.5,
+            implementation=self.compute.attention_impl,
+        )
+        return self.proj(out.reshape(out.shape[:-2] + (d,)))
+
+
+class Mlp(nnx.Module):
+    """Linear -> exact (erf) GELU -> Linear, as timm's Mlp and the official nn.Sequential MLP."""
+
+    def __init__(self, dim: int, hidden: int, compute: Compute, rngs: nnx.Rngs):
+        self.fc1 = dense(dim, hidden, ("embed", "mlp"), compute, rngs)
+        self.fc2 = dense(hidden, dim, ("mlp", "embed"), compute, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class ViTBlock(nnx.Module):
+    """timm `Block`: x += attn(LN1(x)); x += mlp(LN2(x)). LayerNorm eps 1e-5."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, compute: Compute, rngs: nnx.Rngs):
+        self.norm1 = layer_norm(dim, 1e-5, compute, rngs)
+        self.attn = Attention(dim, num_heads, compute, rngs, qkv_bias=qkv_bias, out_bias=True)
+        self.norm2 = layer_norm(dim, 1e-5, compute, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), compute, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossSelfBlock(nnx.Module):
+    """The official ConditionMaskBlock (LayerNorm eps 1e-6, bias-free nn.MultiheadAttention):
+
+    x += CrossAttn(LN1(x), mem, mem, memory padding); x += SelfAttn(LN2(x)); x += MLP(LN3(x)).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, compute: Compute, rngs: nnx.Rngs):
+        mha = dict(qkv_bias=False, out_bias=False, qkv_init=XAVIER_UNIFORM)
+        self.norm1 = layer_norm(dim, 1e-6, compute, rngs)
+        self.cross_attn = Attention(dim, num_heads, compute, rngs, **mha)
+        self.norm2 = layer_norm(dim, 1e-6, compute, rngs)
+        self.self_attn = Attention(dim, num_heads, compute, rngs, **mha)
+        self.norm3 = layer_norm(dim, 1e-6, compute, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), compute, rngs)
+
+    def __call__(self, x, memory, memory_bias=None, memory_mask=None):
+        x = x + self.cross_attn(self.norm1(x), memory, bias=memory_bias, mask=memory_mask)
+        x = x + self.self_attn(self.norm2(x))
+        return x + self.mlp(self.norm3(x))
+
+
+class Stack(nnx.Module):
+    """`num_layers` copies of a block, parameters stacked on a leading 'layers' axis.
+
+    `__call__(x, *args)` scans the blocks over `x`; `args` are passed unchanged to every block.
+    """
+
+    def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, remat_policy: str, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(r: nnx.Rngs) -> nnx.Module:
+            return make_block(r)
+
+        self.blocks = create(rngs)
+        self.num_layers = num_layers
+        self.remat_policy = remat_policy
+
+    def __call__(self, x: jax.Array, *args) -> jax.Array:
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(carry, layer_state):
+            return nnx.merge(graphdef, layer_state)(carry, *args), None
+
+        if self.remat_policy != "none":
+            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy), prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, state)
+        return x

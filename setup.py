@@ -1,0 +1,51 @@
+"""coordtok-jax: CoordTok long-video tokenizer and triplane SiT in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.6",
+    "flax>=0.12",
+    "optax>=0.2",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2",
+    "tensorflow-datasets>=4.9",
+    "ml_collections>=1.0",
+    "einops>=0.8",
+    "absl-py>=2.0",
+    "etils[epath]>=1.7",
+    "numpy>=1.26",
+    "pillow>=10.0",
+    "tqdm>=4.60",
+]
+
+EXTRAS = {
+    # Conversion to/from the official PyTorch checkpoints. Pin the CPU wheel that the
+    # project's machines carry; any torch>=2.1 works for users.
+    "torch": ["torch>=2.1"],
+    "test": [
+        "pytest>=8.0",
+        "pytest-xdist>=3.5",
+        "scikit-image>=0.22",
+    ],
+}
+
+setup(
+    name="coordtok-jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax implementation of CoordTok (Efficient Long Video Tokenization via "
+        "Coordinate-based Patch Reconstruction) and its triplane SiT generator"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["coordtok_jax", "coordtok_jax.*"]),
+    install_requires=RUNTIME,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "coordtok-demo=coordtok_jax.demo:run",
+        ],
+    },
+    license="MIT",
+)
