@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -111,7 +112,13 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/coordtok.py:tiny")
     logging.set_verbosity(logging.WARNING)
-    reconstruct(_CONFIG.value, _NUM_VIDEOS.value, _OUTPUT.value)
+    from coordtok_jax.models import ConfigError
+
+    try:
+        reconstruct(_CONFIG.value, _NUM_VIDEOS.value, _OUTPUT.value)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run():

@@ -93,7 +93,7 @@ def describe(state: nnx.State) -> dict[str, tuple]:
     """{path: (shape, sharding spec)} of a concrete state, for logs and tests."""
     out = {}
     for path, value in jax.tree_util.tree_flatten_with_path(state)[0]:
-        parts = (str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        parts = (str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
         key = ".".join(k for k in parts if k and k != "value")
         out[key] = (tuple(np.shape(value)), getattr(getattr(value, "sharding", None), "spec", None))
     return out

@@ -22,9 +22,14 @@ def grid_indices(num_t: int, grid: tuple[int, int, int]) -> np.ndarray:
 
 
 def indices_to_coords(indices: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
-    """Integer patch indices (..., 3) -> float32 coordinates in [0, 1], by true division."""
-    denom = jnp.maximum(jnp.asarray(grid, jnp.float32) - 1.0, 1.0)
-    return jnp.asarray(indices).astype(jnp.float32) / denom
+    """Integer patch indices (..., 3) -> float32 coordinates in [0, 1], exactly i / (n - 1).
+
+    The quotients are IEEE divisions done once in NumPy and looked up, because XLA may turn a
+    division into a reciprocal multiply, which is 1 ulp off for some i (spec 5.1).
+    """
+    indices = jnp.asarray(indices)
+    tables = [np.arange(n, dtype=np.float32) / np.float32(max(n - 1, 1)) for n in grid]
+    return jnp.stack([jnp.asarray(tab)[indices[..., k]] for k, tab in enumerate(tables)], axis=-1)
 
 
 def patches_to_video(values: jax.Array, num_t: int, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> jax.Array:

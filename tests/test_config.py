@@ -1,0 +1,88 @@
+"""Configs: every variant builds; validate() names the field for geometry that cannot work."""
+
+import os
+import subprocess
+import sys
+
+import coordtok
+import pytest
+
+from coordtok_jax.models import ConfigError, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("arg", ["L", "B", "S", "tiny"])
+def test_every_variant_validates(arg):
+    config = coordtok.get_config(arg)
+    geometry = coordtok.validate(config)
+    assert geometry.video_shape == tuple(config.model.video_shape)
+    assert config.mesh.axes == ("data", "fsdp")
+
+
+def test_released_geometry():
+    g = validate(coordtok.get_config("L").model)
+    assert g.num_latent_tokens == 1280
+    assert g.enc_grid == (16, 8, 8) and g.num_memory_tokens == 1024
+    assert g.num_query_tokens == (4, 4, 4)
+    assert g.dec_grid == (128, 16, 16) and g.patch_values == 192
+
+
+def test_unknown_size():
+    with pytest.raises(ValueError, match="unknown CoordTok size 'XL'"):
+        coordtok.get_config("XL")
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("latent_resolution_t", 8, r"latent_resolution_t=8 is smaller than config.model.latent_patch_size_t=16"),
+        ("latent_resolution_t", 40, r"latent_patch_size_t=16 must divide config.model.latent_resolution_t=40"),
+        ("enc_patch_size_t", 12, r"enc_patch_size_t=12 must divide config.model.video_shape\[0\]=128"),
+        ("enc_num_heads", 12, r"enc_num_heads=12 must divide config.model.enc_embed_dim=1024"),
+        ("dec_num_heads", 24, r"dec_num_heads=24 must divide config.model.dec_embed_dim=1024"),
+        ("dec_patch_size_xy", 6, r"dec_patch_size_xy=6 must divide config.model.video_shape\[1\]=128"),
+        ("latent_patch_size_xy", 5, r"latent_patch_size_xy=5 must divide config.model.latent_resolution_xy=16"),
+        ("video_shape", (128, 128), r"video_shape must be three positive ints"),
+        ("enc_num_layers", 0, r"enc_num_layers must be a positive integer"),
+        ("padding_mask", "ignore", r"padding_mask must be one of"),
+        ("dtype", "float8", r"dtype must be one of"),
+        ("attention_impl", "flash", r"attention_impl must be one of"),
+        ("remat_policy", "save_all", r"remat_policy must be 'none' or one of"),
+    ],
+)
+def test_validation_names_the_field(field, value, message):
+    config = coordtok.get_config("L")
+    with config.unlocked():
+        config.model[field] = value
+    with pytest.raises(ConfigError, match=message):
+        coordtok.validate(config)
+
+
+def test_missing_field():
+    model = dict(coordtok.get_config("tiny").model)
+    del model["dec_num_layers"]
+    with pytest.raises(ConfigError, match="config.model.dec_num_layers is missing"):
+        validate(model)
+
+
+def _demo(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "coordtok_jax.demo", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+
+
+def test_command_line_override_is_validated_before_compiling():
+    """The README's typo geometry fails at once with the field named (no traceback)."""
+    proc = _demo("--config=configs/coordtok.py:L", "--config.model.latent_resolution_t=8", "--output=/dev/null/x")
+    assert proc.returncode != 0
+    assert "latent_resolution_t=8" in proc.stderr
+    assert "init (jit)" not in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_help():
+    proc = _demo("--help")
+    assert proc.returncode in (0, 1)  # absl exits 1 after printing help
+    assert "--num_videos" in proc.stdout and "--output" in proc.stdout and "--config" in proc.stdout
