@@ -48,7 +48,8 @@ def test_unknown_size():
         ("padding_mask", "ignore", r"padding_mask must be one of"),
         ("dtype", "float8", r"dtype must be one of"),
         ("attention_impl", "flash", r"attention_impl must be one of"),
-        ("remat_policy", "save_all", r"remat_policy must be 'none' or one of"),
+        ("remat_policy", "save_all", r"remat_policy must be one of"),
+        ("remat_policy", "save_only_these_names", r"remat_policy must be one of"),
     ],
 )
 def test_validation_names_the_field(field, value, message):
@@ -86,3 +87,21 @@ def test_help():
     proc = _demo("--help")
     assert proc.returncode in (0, 1)  # absl exits 1 after printing help
     assert "--num_videos" in proc.stdout and "--output" in proc.stdout and "--config" in proc.stdout
+
+
+def test_command_line_override_reaches_the_model(tmp_path):
+    import json
+
+    from flax import nnx
+
+    from coordtok_jax.models import CoordTok, count_params
+
+    proc = _demo("--config=configs/coordtok.py:tiny", "--config.model.dec_num_layers=1",
+                 "--config.model.padding_mask=exclude", "--num_videos=1", f"--output={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    config = coordtok.get_config("tiny")
+    with config.unlocked():
+        config.model.dec_num_layers = 1
+    want = count_params(nnx.eval_shape(lambda: CoordTok(config.model, rngs=nnx.Rngs(0))))
+    assert summary["parameters"] == want < 511_408

@@ -244,8 +244,12 @@ def test_initialisation_follows_pytorch_defaults():
 def test_bad_inputs_name_what_was_expected(model):
     with pytest.raises(ValueError, match=r"video must be \(B, 16, 32, 32, 3\)"):
         model.encode(jnp.zeros((1, 8, 32, 32, 3)))
-    with pytest.raises(ValueError, match="n_frames"):
+    with pytest.raises(ValueError, match="n_frames must hold one integer length per video"):
         model.encode(jnp.zeros((2, 16, 32, 32, 3)), jnp.array([16, 16, 16]))
+    with pytest.raises(ValueError, match=r"n_frames must be in \[1, 16\]"):
+        model.encode(jnp.zeros((2, 16, 32, 32, 3)), jnp.array([16, 17]))
+    with pytest.raises(ValueError, match="to_model_input"):
+        model.encode(jnp.zeros((1, 16, 32, 32, 3), jnp.uint8))
     planes = model.encode(jnp.zeros((1, 16, 32, 32, 3)))
     with pytest.raises(ValueError, match="coords must be"):
         model.decode(planes, jnp.zeros((1, 4, 2)))

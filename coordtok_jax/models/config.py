@@ -17,6 +17,16 @@ import jax.numpy as jnp
 PADDING_MASK_MODES = ("official", "exclude")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+# Ready-made jax.checkpoint_policies (the others are factories that need arguments).
+REMAT_POLICIES = (
+    "none",
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+)
 
 # Every field CoordTok reads, with the official meaning.
 MODEL_FIELDS = (
@@ -182,9 +192,8 @@ def validate(cfg: Any) -> Geometry:
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     policy = _get(cfg, "remat_policy")
-    if policy != "none" and not callable(getattr(jax.checkpoint_policies, str(policy), None)):
-        names = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
-        raise ConfigError(f"config.model.remat_policy must be 'none' or one of {names}, got {policy!r}")
+    if policy not in REMAT_POLICIES or (policy != "none" and not hasattr(jax.checkpoint_policies, policy)):
+        raise ConfigError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
 
     return Geometry(
         video_shape=(T, H, W),

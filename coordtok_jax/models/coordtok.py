@@ -49,15 +49,31 @@ class CoordTok(nnx.Module):
                 f"video must be (B, {want[0]}, {want[1]}, {want[2]}, 3) for this config "
                 f"(config.model.video_shape={want}), got shape {tuple(video.shape)}"
             )
+        if not jnp.issubdtype(video.dtype, jnp.floating):
+            raise ValueError(
+                f"video must be floating point in [-1, 1], got dtype {video.dtype}; convert uint8 frames "
+                "with coordtok_jax.data.video.to_model_input(frames, n_frames)"
+            )
+
+    def _check_n_frames(self, n_frames: jax.Array, batch: int) -> jax.Array:
+        n_frames = jnp.asarray(n_frames)
+        if n_frames.size != batch or not jnp.issubdtype(n_frames.dtype, jnp.integer):
+            raise ValueError(
+                f"n_frames must hold one integer length per video ({batch}), got {n_frames.dtype} shape {n_frames.shape}"
+            )
+        if not isinstance(n_frames, jax.core.Tracer):  # concrete: check the range here
+            T = self.geometry.video_shape[0]
+            lo, hi = int(n_frames.min()), int(n_frames.max())
+            if lo < 1 or hi > T:
+                raise ValueError(f"n_frames must be in [1, {T}] (config.model.video_shape[0]), got {lo}..{hi}")
+        return n_frames
 
     def encode(self, video: jax.Array, n_frames: Optional[jax.Array] = None) -> tuple[jax.Array, ...]:
         self._check_video(video)
         batch = video.shape[0]
         if n_frames is None:
             n_frames = jnp.full((batch,), self.geometry.video_shape[0], jnp.int32)
-        n_frames = jnp.asarray(n_frames)
-        if n_frames.size != batch:
-            raise ValueError(f"n_frames must hold one length per video ({batch}), got shape {n_frames.shape}")
+        n_frames = self._check_n_frames(n_frames, batch)
         tokens = (self.weight_tokens_xy, self.weight_tokens_yt, self.weight_tokens_xt)
         return self.encoder(video, n_frames, tokens)
 
