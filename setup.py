@@ -16,16 +16,25 @@ RUNTIME = [
     "numpy>=1.26",
     "pillow>=10.0",
     "tqdm>=4.60",
+    "av>=12.0",  # PyAV: video decoding for the folder source and prepare
+    "array_record>=0.5",
+    "gcsfs>=2024.2",  # gs:// through etils.epath without TensorFlow
 ]
 
 EXTRAS = {
     # Conversion to/from the official PyTorch checkpoints. Pin the CPU wheel that the
     # project's machines carry; any torch>=2.1 works for users.
     "torch": ["torch>=2.1"],
+    # TFDS video features are encoded/decoded with TensorFlow (the CPU build is enough).
+    "tfds": ["tensorflow-cpu>=2.15"],
     "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
         "scikit-image>=0.22",
+        "scipy>=1.10",
+        "gcp-storage-emulator>=2024.8",  # offline gs:// (tests/gcs_emulator.py)
+        "google-cloud-storage>=2.14",
+        "tensorflow-cpu>=2.15",  # the TFDS tests; the core suite also runs without it
     ],
 }
 
@@ -45,6 +54,7 @@ setup(
     entry_points={
         "console_scripts": [
             "coordtok-demo=coordtok_jax.demo:run",
+            "coordtok-prepare=coordtok_jax.data.prepare:run",
         ],
     },
     license="MIT",

@@ -87,6 +87,41 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     return m
 
 
+def _optional_str():
+    return ml_collections.FieldReference(None, field_type=str)
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """config.data: which clips, and how the grain pipeline reads them (coordtok_jax/data)."""
+    d = ml_collections.ConfigDict()
+    d.source = "synthetic"  # synthetic | folder | array_record | tfds
+    d.seed = 0  # shuffle and random windows
+    d.pad_value = -3.0  # official: frames past n_frames are -1 in [0, 1] space, -3 after v*2-1
+    d.min_frames = 29
+    # synthetic: procedural clips, deterministic per (synthetic_seed, index)
+    d.num_clips = 10_000
+    d.synthetic_seed = 0
+    # folder: root/class/*.avi|mp4|..., decoded with PyAV; eval_list = 'relative/path [start]' lines
+    d.root = _optional_str()
+    d.eval_list = _optional_str()
+    # array_record: a directory of *.array_record shards (or a glob), local or gs://
+    d.path = _optional_str()
+    # tfds: tfds.data_source(name, split, data_dir)
+    d.name = _optional_str()
+    d.split = "train"
+    d.eval_split = "test"
+    d.data_dir = _optional_str()
+    d.video_key = "video"
+    d.label_key = "label"
+    # grain
+    d.num_workers = 0  # worker processes (0 = in-process)
+    d.worker_buffer_size = 2
+    d.read_threads = 4
+    d.prefetch = 8
+    d.max_consecutive_failures = 64
+    return d
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     size = arg or "tiny"
     config = ml_collections.ConfigDict()
@@ -94,10 +129,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.seed = 0
     config.model = model_config(size)
 
-    # Input. Official padding: frames past n_frames are -1 in [0, 1] space, i.e. -3 after v*2-1.
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "synthetic"
-    config.data.pad_value = -3.0
+    config.data = data_config()
 
     # Mesh and parameter sharding (used by the trainer and the sharded-init helpers).
     config.mesh = ml_collections.ConfigDict()
@@ -107,8 +139,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     if size == "tiny":
         config.data.min_frames = 9  # the synthetic source makes some clips shorter than T.
-    else:
-        config.data.min_frames = 29  # UCF-101's shortest clip.
     return config
 
 

@@ -21,9 +21,14 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/coordtok.py:ARG", lock_config=True)
-_OUTPUT = flags.DEFINE_string("output", "/tmp/coordtok_demo", "Directory for demo.npz, demo.png, summary.json.")
-_NUM_VIDEOS = flags.DEFINE_integer("num_videos", 2, "Synthetic videos to reconstruct.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defined only when run as a program, so importing this module defines no flags."""
+    config_flags.DEFINE_config_file("config", None, "configs/coordtok.py:ARG", lock_config=True)
+    flags.DEFINE_string("output", "/tmp/coordtok_demo", "Directory for demo.npz, demo.png, summary.json.")
+    flags.DEFINE_integer("num_videos", 2, "Synthetic videos to reconstruct.", lower_bound=1)
 
 
 def _timed(label, fn, *args):
@@ -109,19 +114,20 @@ def reconstruct(config, num_videos: int, output: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
+    if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/coordtok.py:tiny")
     logging.set_verbosity(logging.WARNING)
     from coordtok_jax.models import ConfigError
 
     try:
-        reconstruct(_CONFIG.value, _NUM_VIDEOS.value, _OUTPUT.value)
+        reconstruct(FLAGS.config, FLAGS.num_videos, FLAGS.output)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

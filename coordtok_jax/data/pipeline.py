@@ -1,0 +1,102 @@
+"""grain input pipeline: per-host batches {'video': uint8 (B, T, H, W, 3), 'n_frames': int32 (B,),
+'label': int32 (B,), 'decode_failures': int32 (B,)}.
+
+* Deterministic: the shuffle is seeded by config.data.seed and re-drawn every epoch; the random
+  window of element k of the stream comes from a generator seeded by (seed, host, k).
+* Per host: the records are strided over `jax.process_index() / jax.process_count()`.
+* Workers and prefetch from config.data (num_workers=0 keeps everything in-process).
+* The iterator has `get_state()` / `set_state()`; the trainer stores the state in its checkpoint
+  and restoring it yields exactly the same next batches.
+* Bad input never stops training: a record that fails to load (unreadable, truncated, empty or
+  zero-frame file) is logged once and replaced by the next record of the shard; each clip
+  carries in 'decode_failures' how many records were skipped to produce it (sum a batch to count).
+  If `max_consecutive_failures` records in a row fail, DataError names the source and the first
+  failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import grain
+import numpy as np
+
+from coordtok_jax.data.sources import DataError, make_source
+
+log = logging.getLogger(__name__)
+_WARNED: set = set()
+
+
+class ClipLoader:
+    """map_with_index transform: stream position k, record index i -> clip dict."""
+
+    def __init__(self, source, seed: int, host: int, max_consecutive_failures: int = 64):
+        self.source = source
+        self.seed = int(seed)
+        self.host = int(host)
+        self.max_failures = max(1, min(int(max_consecutive_failures), len(source)))
+
+    def __call__(self, position: int, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.host, int(position)])
+        failures = []
+        n = len(self.source)
+        for k in range(self.max_failures):
+            i = (int(index) + k) % n
+            try:
+                clip = self.source.load(i, rng)
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any bad file is skipped and counted
+                what = self.source.describe(i)
+                failures.append(f"{what}: {type(e).__name__}: {e}")
+                if what not in _WARNED:
+                    _WARNED.add(what)
+                    log.warning("skipping unreadable clip %s (%s: %s)", what, type(e).__name__, e)
+                continue
+            return {
+                "video": np.asarray(clip["video"], np.uint8),
+                "n_frames": np.int32(clip["n_frames"]),
+                "label": np.int32(clip.get("label", -1)),
+                "decode_failures": np.int32(k),
+            }
+        raise DataError(
+            f"{self.source.name}: {len(failures)} records in a row failed to load; first failures:\n  "
+            + "\n  ".join(failures[:5])
+        )
+
+
+def make_dataset(
+    data,
+    video_shape,
+    batch_size: int,
+    *,
+    train: bool = True,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> grain.IterDataset:
+    """The per-host batched dataset for config.data and clips of video_shape = (T, H, W)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    source = make_source(data, tuple(video_shape), train=train)
+    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    if len(ds) == 0:
+        raise DataError(f"{source.name}: host {process_index} of {process_count} gets no records")
+    if train:
+        ds = ds.shuffle(seed=int(data.seed)).repeat()
+    ds = ds.map_with_index(ClipLoader(source, data.seed, process_index, data.get("max_consecutive_failures", 64)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 4)),
+                                              prefetch_buffer_size=int(data.get("prefetch", 8))))
+    it = it.batch(batch_size, drop_remainder=train)
+    if int(data.get("num_workers", 0)) > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(data.num_workers), per_worker_buffer_size=int(data.get("worker_buffer_size", 2))))
+    return it

@@ -1,0 +1,211 @@
+"""Random-access clip sources behind `config.data.source`.
+
+Every source has `__len__`, `name` (for messages), `describe(i)` (what record i is: a file, a
+record of a shard) and `load(i, rng) -> {'video': uint8 (T, H, W, 3), 'n_frames': int, 'label': int}`,
+where `rng` (a NumPy Generator, deterministic per stream position) picks the random window.
+Sources are picklable so grain worker processes can use them; file handles open lazily.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional, Sequence
+
+import numpy as np
+from etils import epath
+
+from coordtok_jax.data import records
+from coordtok_jax.data.synthetic import synthetic_clip
+from coordtok_jax.data.video_io import VIDEO_EXTENSIONS, decode_frames, resize_center_crop, take_window
+
+
+class DataError(RuntimeError):
+    """A data source that cannot produce clips; the message names the source and why."""
+
+
+def _fit(frames: np.ndarray, shape, start, rng):
+    """Resize/crop when needed, then take the T-frame window."""
+    T, H, W = shape
+    if frames.shape[1:3] != (H, W):
+        frames = resize_center_crop(frames, H, W)
+    video, n = take_window(frames, T, start, rng)
+    return video, n
+
+
+class SyntheticSource:
+    """Procedural clips, deterministic per (seed, index) (data/synthetic.py)."""
+
+    def __init__(self, shape, num_clips: int, seed: int, min_frames: Optional[int] = None, short_fraction: float = 0.25):
+        if num_clips <= 0:
+            raise DataError(f"synthetic: config.data.num_clips must be positive, got {num_clips}")
+        self.shape, self.num_clips, self.seed = tuple(shape), int(num_clips), int(seed)
+        self.min_frames, self.short_fraction = min_frames, short_fraction
+        self.name = f"synthetic(seed={seed}, {num_clips} clips)"
+
+    def __len__(self):
+        return self.num_clips
+
+    def describe(self, i):
+        return f"synthetic clip {i}"
+
+    def load(self, i, rng):
+        del rng  # deterministic per index
+        video, n = synthetic_clip(self.seed, i, self.shape, min_frames=self.min_frames, short_fraction=self.short_fraction)
+        return {"video": video, "n_frames": n, "label": -1}
+
+
+def list_videos(root: epath.Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> tuple[list[str], list[str]]:
+    """UCF-101-style tree root/class/file -> (sorted relative paths, sorted class names)."""
+    root = epath.Path(root)
+    if not root.is_dir():
+        raise DataError(f"folder: config.data.root={str(root)!r} is not a directory")
+    exts = tuple(e.lower() for e in extensions)
+    files = sorted(
+        str(p.relative_to(root)) for p in root.glob("*/*") if p.suffix.lower() in exts and not p.is_dir()
+    )
+    if not files:
+        raise DataError(f"folder: no video files ({', '.join(exts)}) under {str(root)!r}/CLASS/")
+    classes = sorted({f.split("/")[0] for f in files})
+    return files, classes
+
+
+class FolderSource:
+    """Video files under root/class/*.ext, decoded with PyAV.
+
+    Train: a random T-frame window per draw. Eval (`list_file`): lines `relative/path.avi [start]`
+    give fixed windows (start 0 when omitted); labels follow the sorted class folders.
+    """
+
+    def __init__(self, root, shape, list_file: Optional[str] = None, extensions: Sequence[str] = VIDEO_EXTENSIONS):
+        self.root = epath.Path(root)
+        self.shape = tuple(shape)
+        files, self.classes = list_videos(self.root, extensions)
+        self.starts: list[Optional[int]]
+        if list_file:
+            lines = [ln.split() for ln in epath.Path(list_file).read_text().splitlines() if ln.strip()]
+            bad = [ln for ln in lines if len(ln) > 2 or (len(ln) == 2 and not ln[1].lstrip("-").isdigit())]
+            if bad:
+                raise DataError(f"folder: {list_file}: expected 'relative/path [start]' per line, got {bad[:3]}")
+            self.files = [ln[0] for ln in lines]
+            self.starts = [int(ln[1]) if len(ln) == 2 else 0 for ln in lines]
+            missing = sorted(set(self.files) - set(files))
+            if missing:
+                raise DataError(f"folder: {len(missing)} files of {list_file} are not under {str(self.root)!r}: {missing[:5]}")
+        else:
+            self.files = files
+            self.starts = [None] * len(files)
+        self.name = f"folder({str(self.root)!r}, {len(self.files)} videos)"
+
+    def __len__(self):
+        return len(self.files)
+
+    def describe(self, i):
+        return str(self.root / self.files[i])
+
+    def load(self, i, rng):
+        rel = self.files[i]
+        frames = decode_frames(self.root / rel)
+        video, n = _fit(frames, self.shape, self.starts[i], rng)
+        return {"video": video, "n_frames": n, "label": self.classes.index(rel.split("/")[0])}
+
+
+def shard_paths(path: str) -> list[str]:
+    """ArrayRecord shards from a directory (its *.array_record files) or a glob, sorted."""
+    p = epath.Path(path)
+    if p.is_dir():
+        paths = sorted(str(x) for x in p.glob("*.array_record"))
+    else:
+        paths = sorted(str(x) for x in p.parent.glob(p.name)) if any(c in p.name for c in "*?[") else (
+            [str(p)] if p.exists() else [])
+    if not paths:
+        raise DataError(f"array_record: no *.array_record shards at config.data.path={path!r}")
+    return paths
+
+
+class ArrayRecordSource:
+    """Pre-decoded clips (data/records.py format) in ArrayRecord shards, local or gs://."""
+
+    def __init__(self, path: str, shape):
+        self.path = path
+        self.shape = tuple(shape)
+        self.paths = shard_paths(path)
+        self._source = None
+        self._len = len(self._open())
+        meta = epath.Path(self.paths[0]).parent / "metadata.json"
+        self.classes = json.loads(meta.read_text()).get("classes", []) if meta.exists() else []
+        self.name = f"array_record({path!r}, {len(self.paths)} shards, {self._len} clips)"
+
+    def _open(self):
+        if self._source is None:
+            from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+            self._source = ArrayRecordDataSource(self.paths)
+        return self._source
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_source"] = None  # reopen in each worker process
+        return state
+
+    def __len__(self):
+        return self._len
+
+    def describe(self, i):
+        return f"record {i} of {self.path}"
+
+    def load(self, i, rng):
+        clip = records.decode_clip(self._open()[i])
+        video, n = _fit(clip["video"], self.shape, None, rng)
+        return {"video": video, "n_frames": n, "label": clip["label"]}
+
+
+class TfdsSource:
+    """Any TFDS dataset with a video feature, through `tfds.data_source` (ArrayRecord format)."""
+
+    def __init__(self, name: str, split: str, shape, data_dir: Optional[str] = None,
+                 video_key: str = "video", label_key: Optional[str] = "label"):
+        import tensorflow_datasets as tfds
+
+        self.shape = tuple(shape)
+        self.dataset, self.split, self.data_dir = name, split, data_dir
+        self.video_key, self.label_key = video_key, label_key
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+        except Exception as e:  # noqa: BLE001 - re-raised with what was asked for
+            raise DataError(f"tfds: cannot open {name!r} split {split!r} in data_dir={data_dir!r}: {e}") from e
+        self.name = f"tfds({name}, {split}, {len(self._source)} clips)"
+
+    def __len__(self):
+        return len(self._source)
+
+    def describe(self, i):
+        return f"{self.dataset}/{self.split}[{i}]"
+
+    def load(self, i, rng):
+        example = self._source[i]
+        if self.video_key not in example:
+            raise DataError(f"tfds: {self.dataset} has no feature {self.video_key!r} (config.data.video_key); "
+                            f"features: {sorted(example)}")
+        frames = np.asarray(example[self.video_key])
+        if frames.dtype != np.uint8 or frames.ndim != 4:
+            raise ValueError(f"feature {self.video_key!r} is {frames.dtype} {frames.shape}, expected uint8 (L, h, w, 3)")
+        if frames.shape[0] == 0:
+            raise ValueError("zero frames")
+        video, n = _fit(frames, self.shape, None, rng)
+        label = int(example[self.label_key]) if self.label_key and self.label_key in example else -1
+        return {"video": video, "n_frames": n, "label": label}
+
+
+def make_source(data, shape, *, train: bool = True):
+    """The source named by config.data.source for clips of `shape` = (T, H, W)."""
+    kind = data.source
+    if kind == "synthetic":
+        return SyntheticSource(shape, data.num_clips, data.get("synthetic_seed", 0), data.get("min_frames"))
+    if kind == "folder":
+        return FolderSource(data.root, shape, None if train else data.get("eval_list"))
+    if kind == "array_record":
+        return ArrayRecordSource(data.path, shape)
+    if kind == "tfds":
+        return TfdsSource(data.name, data.split if train else data.get("eval_split", data.split), shape,
+                          data.get("data_dir"), data.get("video_key", "video"), data.get("label_key", "label"))
+    raise DataError(f"config.data.source must be one of synthetic, folder, array_record, tfds; got {kind!r}")

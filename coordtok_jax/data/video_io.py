@@ -1,0 +1,90 @@
+"""Video decoding (PyAV) and the official per-frame preprocessing.
+
+Official (tools/datasets.py): every frame goes through PIL bicubic `Resize(size)` of the shorter
+side (torchvision rule: long side = int(size * long / short)) and `CenterCrop(size)`
+(top = round((h - size) / 2)), then ToTensor. `resize_center_crop` does exactly that for square
+targets; for H != W it resizes so the frame covers (H, W) and center-crops the same way.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Union
+
+import numpy as np
+from etils import epath
+from PIL import Image
+
+PathLike = Union[str, epath.PathLike]
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
+
+
+def decode_frames(source: Union[PathLike, BinaryIO], max_frames: int | None = None) -> np.ndarray:
+    """All frames (or the first max_frames) of a video file as uint8 (L, h, w, 3) RGB.
+
+    `source` is a local or gs:// path (read through etils.epath) or an open binary file.
+    Raises ValueError for a file without a decodable video stream or without frames.
+    """
+    import av
+
+    def _decode(fileobj) -> list:
+        with av.open(fileobj, mode="r") as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+            return frames
+
+    if hasattr(source, "read"):
+        frames = _decode(source)
+    else:
+        with epath.Path(source).open("rb") as f:
+            frames = _decode(f)
+    if not frames:
+        raise ValueError("no decodable frames")
+    return np.stack(frames)
+
+
+def resized_shape(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
+    """Size after resizing (h, w) so that it covers (out_h, out_w), torchvision's int() rule."""
+    if h * out_w <= w * out_h:  # height is the limiting side (the shorter side for square outputs)
+        return out_h, max(out_w, int(out_h * w / h))
+    return max(out_h, int(out_w * h / w)), out_w
+
+
+def resize_center_crop(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """uint8 (L, h, w, 3) -> uint8 (L, out_h, out_w, 3): PIL bicubic resize, then center crop."""
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (L, h, w, 3), got shape {frames.shape}")
+    _, h, w, _ = frames.shape
+    rh, rw = resized_shape(h, w, out_h, out_w)
+    top = int(round((rh - out_h) / 2.0))
+    left = int(round((rw - out_w) / 2.0))
+    out = np.empty((frames.shape[0], out_h, out_w, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        img = Image.fromarray(frame)
+        if (rh, rw) != (h, w):
+            img = img.resize((rw, rh), Image.BICUBIC)
+        out[i] = np.asarray(img)[top : top + out_h, left : left + out_w]
+    return out
+
+
+def take_window(frames: np.ndarray, num_frames: int, start: int | None, rng: np.random.Generator | None):
+    """A num_frames window of a clip -> (uint8 (num_frames, H, W, 3), n_frames).
+
+    Clips of at least num_frames frames: the window at `start` (or a uniformly random start from
+    `rng`, like the official random.randint(0, L - T)). Shorter clips: the whole clip, padded with
+    zero frames after n_frames = L.
+    """
+    length = frames.shape[0]
+    if length >= num_frames:
+        if start is None:
+            start = int(rng.integers(0, length - num_frames + 1)) if rng is not None else 0
+        start = min(max(int(start), 0), length - num_frames)
+        return frames[start : start + num_frames], num_frames
+    pad = np.zeros((num_frames - length,) + frames.shape[1:], np.uint8)
+    return np.concatenate([frames, pad]), length

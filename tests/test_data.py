@@ -1,0 +1,278 @@
+"""grain pipelines: synthetic, folder (PyAV, with corrupt files), ArrayRecord prepare + read."""
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import coordtok
+import numpy as np
+import pytest
+from PIL import Image
+
+import video_files
+from coordtok_jax.data import records
+from coordtok_jax.data.pipeline import make_dataset
+from coordtok_jax.data.prepare import prepare
+from coordtok_jax.data.sources import DataError, FolderSource
+from coordtok_jax.data.video_io import decode_frames, resize_center_crop, take_window
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (16, 32, 32)
+
+
+def data_config(**overrides):
+    d = coordtok.get_config("tiny").data
+    with d.unlocked():
+        for k, v in overrides.items():
+            d[k] = v
+    return d
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def digest(batch):
+    return [hashlib.sha1(v.tobytes()).hexdigest() for v in batch["video"]]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert sorted(x) == sorted(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.fixture(scope="module")
+def video_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    written = video_files.make_tree(root, lengths=(40, 24, 12, 30, 20))
+    return root, written
+
+
+@pytest.fixture(scope="module")
+def corrupt_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corrupt")
+    written = video_files.make_tree(root, lengths=(30, 20, 12))
+    bad = video_files.add_corrupt_files(root)
+    return root, written, bad
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def test_synthetic_batches_follow_the_contract():
+    it = iter(make_dataset(data_config(num_clips=40), SHAPE, 4, process_index=0, process_count=1))
+    batches = take(it, 5)
+    for b in batches:
+        assert b["video"].shape == (4,) + SHAPE + (3,) and b["video"].dtype == np.uint8
+        assert b["n_frames"].dtype == np.int32 and b["n_frames"].shape == (4,)
+        assert np.all((b["n_frames"] >= 9) & (b["n_frames"] <= 16))
+        assert b["decode_failures"].sum() == 0
+        for v, n in zip(b["video"], b["n_frames"]):
+            assert np.all(v[n:] == 0)  # frames past n_frames are padding
+    assert any(np.any(b["n_frames"] < 16) for b in batches)
+
+
+def test_shuffle_is_deterministic_by_seed_and_reshuffles_epochs():
+    mk = lambda seed: iter(make_dataset(data_config(num_clips=8, seed=seed), SHAPE, 4, process_index=0, process_count=1))
+    a, b, c = take(mk(0), 4), take(mk(0), 4), take(mk(1), 4)
+    assert_same_batches(a, b)
+    assert [digest(x) for x in a] != [digest(x) for x in c]
+    epoch1, epoch2 = digest(a[0]) + digest(a[1]), digest(a[2]) + digest(a[3])
+    assert sorted(epoch1) == sorted(epoch2) and epoch1 != epoch2  # same clips, new order
+
+
+def test_hosts_get_disjoint_shards_covering_the_data():
+    d = data_config(num_clips=10)
+    seen = []
+    for host in range(2):
+        batches = list(make_dataset(d, SHAPE, 2, train=False, process_index=host, process_count=2))
+        seen.append({h for b in batches for h in digest(b)})
+    assert not seen[0] & seen[1]
+    everything = list(make_dataset(d, SHAPE, 5, train=False, process_index=0, process_count=1))
+    assert seen[0] | seen[1] == {h for b in everything for h in digest(b)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_state_restores_the_same_next_batches(workers):
+    d = data_config(num_clips=12, num_workers=workers)
+    ds = make_dataset(d, SHAPE, 3, process_index=0, process_count=1)
+    it = iter(ds)
+    take(it, 3)
+    state = it.get_state()
+    json.dumps(state)  # the trainer stores it in its checkpoint
+    expected = take(it, 4)
+    restored = iter(make_dataset(d, SHAPE, 3, process_index=0, process_count=1))
+    restored.set_state(json.loads(json.dumps(state)))
+    assert_same_batches(take(restored, 4), expected)
+
+
+# ---------------------------------------------------------------- folder
+
+
+def test_resize_center_crop_follows_torchvision_rule():
+    frames = np.zeros((1, 48, 64, 3), np.uint8)
+    frames[0, :, 30:34] = 255  # a vertical bar at the horizontal centre
+    out = resize_center_crop(frames, 32, 32)
+    assert out.shape == (1, 32, 32, 3)
+    # shorter side 48 -> 32, long side int(32 * 64 / 48) = 42, left = round((42 - 32) / 2) = 5
+    want = np.asarray(Image.fromarray(frames[0]).resize((42, 32), Image.BICUBIC))[:, 5:37]
+    np.testing.assert_array_equal(out[0], want)
+    bar = out[0, 16, :, 0].astype(int)
+    assert abs(int(np.argmax(bar)) - 15.5) <= 1.5  # still centred
+
+
+def test_take_window_pads_short_clips():
+    frames = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3) + 1
+    video, n = take_window(frames, 8, None, np.random.default_rng(0))
+    assert n == 5 and video.shape == (8, 2, 2, 3)
+    np.testing.assert_array_equal(video[:5], frames)
+    assert np.all(video[5:] == 0)
+    video, n = take_window(frames, 3, 2, None)
+    assert n == 3
+    np.testing.assert_array_equal(video, frames[2:5])
+    starts = {int(take_window(frames, 3, None, np.random.default_rng(s))[0][0, 0, 0, 0]) for s in range(40)}
+    assert starts == {1, 13, 25}  # uniform over the 3 possible starts
+
+
+def test_folder_source_decodes_resizes_and_labels(video_tree):
+    root, written = video_tree
+    d = data_config(source="folder", root=str(root))
+    batches = take(iter(make_dataset(d, SHAPE, 5, process_index=0, process_count=1)), 2)
+    lengths = {min(len(f), 16) for f in written.values()}
+    for b in batches:
+        assert b["video"].shape == (5,) + SHAPE + (3,)
+        assert set(b["n_frames"].tolist()) <= lengths
+        assert set(b["label"].tolist()) <= {0, 1}
+        assert b["decode_failures"].sum() == 0
+    assert 12 in {n for b in batches for n in b["n_frames"].tolist()}  # the short clip, padded
+
+
+def test_folder_eval_list_gives_fixed_windows(video_tree, tmp_path):
+    root, written = video_tree
+    (tmp_path / "eval.txt").write_text("class_a/v00.mp4 10\nclass_b/v01.avi\n")
+    d = data_config(source="folder", root=str(root), eval_list=str(tmp_path / "eval.txt"))
+    (batch,) = list(make_dataset(d, SHAPE, 2, train=False, process_index=0, process_count=1))
+    want = resize_center_crop(decode_frames(root / "class_a/v00.mp4"), 32, 32)[10:26]
+    np.testing.assert_array_equal(batch["video"][0], want)
+    np.testing.assert_array_equal(batch["label"], [0, 1])
+    # decoded frames are close to what was written (mpeg4 at qscale 1)
+    raw = decode_frames(root / "class_a/v00.mp4")
+    assert np.abs(raw.astype(int) - written["class_a/v00.mp4"].astype(int)).mean() < 8
+    (tmp_path / "bad.txt").write_text("class_a/nope.mp4 3\n")
+    with pytest.raises(DataError, match="nope.mp4"):
+        FolderSource(root, SHAPE, str(tmp_path / "bad.txt"))
+
+
+def test_corrupt_files_are_skipped_counted_and_warned_once(corrupt_tree, caplog):
+    root, written, bad = corrupt_tree
+    d = data_config(source="folder", root=str(root), read_threads=1)
+    caplog.set_level(logging.WARNING, logger="coordtok_jax.data.pipeline")
+    batches = take(iter(make_dataset(d, SHAPE, 4, process_index=0, process_count=1)), 6)
+    failures = sum(int(b["decode_failures"].sum()) for b in batches)
+    assert failures > 0
+    for b in batches:
+        for v, n in zip(b["video"], b["n_frames"]):
+            assert n >= 1 and v[:n].max() > 0
+    warned = [r.getMessage() for r in caplog.records if "skipping unreadable clip" in r.getMessage()]
+    assert len(warned) == len(set(warned))  # once per file
+    assert {m.split("skipping unreadable clip ")[1].split(" (")[0].split(str(root) + "/")[1] for m in warned} <= set(bad)
+
+
+def test_everything_failing_names_the_source_and_failures(tmp_path):
+    for i in range(3):
+        (tmp_path / "cls" / f"bad{i}.mp4").parent.mkdir(exist_ok=True)
+        (tmp_path / "cls" / f"bad{i}.mp4").write_bytes(b"garbage")
+    d = data_config(source="folder", root=str(tmp_path))
+    with pytest.raises(DataError, match=r"(?s)folder\(.*3 videos\): 3 records in a row failed.*bad\d\.mp4"):
+        next(iter(make_dataset(d, SHAPE, 2, process_index=0, process_count=1)))
+    with pytest.raises(DataError, match="no video files"):
+        make_dataset(data_config(source="folder", root=str(tmp_path / "cls")), SHAPE, 2)
+
+
+# ---------------------------------------------------------------- array_record
+
+
+def test_prepare_then_read_array_record(corrupt_tree, tmp_path):
+    root, written, bad = corrupt_tree
+    out = tmp_path / "ar"
+    meta = prepare("folder", str(root), str(out), num_shards=2, height=32, width=32, workers=1)
+    assert meta["num_clips"] == len(written) and len(meta["failures"]) == len(bad)
+    assert meta["classes"] == ["class_a", "class_b"]
+    shards = sorted(p.name for p in out.glob("*.array_record"))
+    assert shards == ["clips-00000-of-00002.array_record", "clips-00001-of-00002.array_record"]
+    assert not list(out.glob("*.tmp"))
+
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    src = ArrayRecordDataSource([str(out / s) for s in shards])
+    stored = {c["name"]: c for c in (records.decode_clip(src[i]) for i in range(len(src)))}
+    assert set(stored) == set(written)
+    for rel, clip in stored.items():
+        np.testing.assert_array_equal(clip["video"], resize_center_crop(decode_frames(root / rel), 32, 32))
+        assert clip["label"] == (0 if rel.startswith("class_a") else 1)
+
+    d = data_config(source="array_record", path=str(out), num_workers=0)
+    ds = make_dataset(d, SHAPE, 3, process_index=0, process_count=1)
+    it = iter(ds)
+    batches = take(it, 3)
+    for b in batches:
+        assert b["video"].shape == (3,) + SHAPE + (3,) and b["decode_failures"].sum() == 0
+    state = it.get_state()
+    expected = take(it, 2)
+    again = iter(make_dataset(d, SHAPE, 3, process_index=0, process_count=1))
+    again.set_state(state)
+    assert_same_batches(take(again, 2), expected)
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare("folder", str(root), str(out), num_shards=2, height=32, width=32, workers=1)
+    with pytest.raises(DataError, match="no \\*.array_record shards"):
+        make_dataset(data_config(source="array_record", path=str(tmp_path / "none")), SHAPE, 2)
+
+
+def test_prepare_cli(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "coordtok_jax.data.prepare", "--source=synthetic", "--num_clips=3", "--frames=8",
+         "--height=16", "--width=16", f"--output={tmp_path}", "--num-shards=2", "--workers=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote 3 clips" in proc.stdout and "100%" in proc.stdout  # progress bar
+    assert json.loads((tmp_path / "metadata.json").read_text())["num_clips"] == 3
+    help_proc = subprocess.run([sys.executable, "-m", "coordtok_jax.data.prepare", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120)
+    assert "--num-shards" in help_proc.stdout and "--output" in help_proc.stdout
+    missing = subprocess.run([sys.executable, "-m", "coordtok_jax.data.prepare", "--source=folder",
+                              f"--input={tmp_path}/nope", f"--output={tmp_path}/o"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "is not a directory" in missing.stderr
+
+
+@pytest.mark.gcs
+def test_prepare_to_gcs_and_read_array_record_from_gcs(tmp_path):
+    pytest.importorskip("gcp_storage_emulator")
+    from etils import epath
+
+    import gcs_emulator
+
+    with gcs_emulator.running_emulator() as emu:
+        bucket = emu.make_bucket()
+        out = f"gs://{bucket}/clips"
+        meta = prepare("synthetic", None, out, num_shards=2, height=16, width=16, workers=1, num_clips=5, frames=12)
+        assert meta["num_clips"] == 5
+        names = sorted(p.name for p in epath.Path(out).iterdir())
+        assert names == ["clips-00000-of-00002.array_record", "clips-00001-of-00002.array_record", "metadata.json"]
+        d = data_config(source="array_record", path=out)
+        batches = take(iter(make_dataset(d, (8, 16, 16), 2, process_index=0, process_count=1)), 3)
+        for b in batches:
+            assert b["video"].shape == (2, 8, 16, 16, 3) and b["decode_failures"].sum() == 0
+        # the same clips as a local prepare
+        local = tmp_path / "local"
+        prepare("synthetic", None, str(local), num_shards=2, height=16, width=16, workers=1, num_clips=5, frames=12)
+        local_batches = take(iter(make_dataset(data_config(source="array_record", path=str(local)), (8, 16, 16), 2,
+                                               process_index=0, process_count=1)), 3)
+        assert_same_batches(batches, local_batches)
