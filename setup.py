@@ -19,6 +19,7 @@ RUNTIME = [
     "av>=12.0",  # PyAV: video decoding for the folder source and prepare
     "array_record>=0.5",
     "gcsfs>=2024.2",  # gs:// through etils.epath without TensorFlow
+    "tensorboardX>=2.6",
 ]
 
 EXTRAS = {
@@ -55,6 +56,7 @@ setup(
         "console_scripts": [
             "coordtok-demo=coordtok_jax.demo:run",
             "coordtok-prepare=coordtok_jax.data.prepare:run",
+            "coordtok-train=coordtok_jax.train.trainer:run",
         ],
     },
     license="MIT",

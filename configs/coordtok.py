@@ -1,7 +1,11 @@
 r"""CoordTok tokenizer configurations.
 
-    --config=configs/coordtok.py:ARG   with ARG in {L, B, S, tiny}
+    --config=configs/coordtok.py:ARG   with ARG = SIZE[,stage=1|2], SIZE in {L, B, S, tiny}
     --config.model.enc_num_layers=12   overrides any field
+
+`L,stage=1` and `L,stage=2` are the paper's runs: global batch 256 clips of 128 frames,
+1024 random patches (1M steps) then 16 whole frames + LPIPS (50K steps, from the stage-1
+checkpoint via --config.init_from).
 
 * `L`: the released CoordTok_UCF101_1M_50K.pth (853,410,496 parameters): 128x128x128 video,
   width 1024, ViT3D 8 layers, cross/self encoder 24, decoder 24, 16 heads; triplane
@@ -122,23 +126,80 @@ def data_config() -> ml_collections.ConfigDict:
     return d
 
 
+def _parse_arg(arg: str) -> tuple[str, dict]:
+    """'L,stage=2' -> ('L', {'stage': '2'})."""
+    parts = [p.strip() for p in (arg or "tiny").split(",") if p.strip()]
+    size, options = (parts[0] if parts and "=" not in parts[0] else "tiny"), {}
+    for p in parts[1:] if parts and "=" not in parts[0] else parts:
+        if "=" not in p:
+            raise ValueError(f"config argument {arg!r}: expected SIZE[,key=value...], got {p!r}")
+        k, v = p.split("=", 1)
+        options[k] = v
+    unknown = set(options) - {"stage"}
+    if unknown:
+        raise ValueError(f"config argument {arg!r}: unknown options {sorted(unknown)} (known: stage)")
+    return size, options
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    size = arg or "tiny"
+    """ARG = SIZE[,stage=1|2]: SIZE in {L, B, S, tiny}; stage 1 (N random patches, L2) or stage 2
+    (whole frames, L2 + LPIPS, started from a stage-1 checkpoint with --config.init_from)."""
+    size, options = _parse_arg(arg)
+    stage = int(options.get("stage", 1))
+    if stage not in (1, 2):
+        raise ValueError(f"config argument {arg!r}: stage must be 1 or 2")
+    tiny = size == "tiny"
     config = ml_collections.ConfigDict()
     config.size = size
+    config.stage = stage
     config.seed = 0
     config.model = model_config(size)
-
     config.data = data_config()
+    if tiny:
+        config.data.min_frames = 9  # the synthetic source makes some clips shorter than T.
 
-    # Mesh and parameter sharding (used by the trainer and the sharded-init helpers).
+    # The step. Paper: global batch 256 videos x 128 frames; stage 1 decodes N = 1024 random
+    # patches per video (L2); stage 2 decodes K = 16 whole frames per video (L2 + LPIPS).
+    config.batch_size = 8 if tiny else 256  # global, all hosts and micro-batches
+    config.grad_accum_steps = 1
+    config.num_points = 256 if tiny else 1024
+    config.num_frames = 4 if tiny else 16
+    config.lpips_weight = 0.0 if stage == 1 else 1.0
+    config.lpips = ml_collections.ConfigDict()
+    config.lpips.vgg_path = _optional_str()  # torchvision vgg16 ImageNet state_dict (vgg16-397923af.pth)
+    config.lpips.lin_path = _optional_str()  # LPIPS linear layers (lpips/weights/v0.1/vgg.pth)
+    config.lpips.dropout = True  # the official trains with the heads' Dropout(0.5) active
+    config.init_from = _optional_str()  # stage 2: a stage-1 workdir or checkpoint folder
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-4
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.eps = 1e-8
+    config.optimizer.weight_decay = 1e-3  # on every parameter, as the official
+    config.optimizer.warmup_steps = 0
+    config.optimizer.grad_clip_norm = 0.0  # 0 = no clipping (official)
+
+    # Schedule, logging, checkpoints, evaluation.
+    config.total_steps = (300 if stage == 1 else 100) if tiny else (1_000_000 if stage == 1 else 50_000)
+    config.log_every = 10 if tiny else 100
+    config.save_every = 100 if tiny else 5_000
+    config.keep_last = 3
+    config.keep_every = 0 if tiny else 50_000
+    config.eval_every = 100 if tiny else 5_000
+    config.eval_videos = 2 if tiny else 4
+    config.eval_points_per_call = ml_collections.FieldReference(None, field_type=int)  # None = all at once
+    config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)  # MFU; None = known table
+
+    # Mesh and parameter sharding.
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1)  # (data, fsdp); one entry may be -1 = fill with the remaining devices.
     config.mesh.axes = ("data", "fsdp")
     config.logical_axis_rules = LOGICAL_AXIS_RULES
+    config.distributed = "auto"  # auto: jax.distributed.initialize() on TPU VMs / when JAX_COORDINATOR_ADDRESS is set
 
-    if size == "tiny":
-        config.data.min_frames = 9  # the synthetic source makes some clips shorter than T.
+    config.debug = ml_collections.ConfigDict()
+    config.debug.kill_at_step = 0  # tests: SIGKILL self at this step after pending saves finished
     return config
 
 

@@ -88,3 +88,35 @@ def take_window(frames: np.ndarray, num_frames: int, start: int | None, rng: np.
         return frames[start : start + num_frames], num_frames
     pad = np.zeros((num_frames - length,) + frames.shape[1:], np.uint8)
     return np.concatenate([frames, pad]), length
+
+
+def write_video(path: PathLike, frames: np.ndarray, fps: int = 8) -> None:
+    """uint8 (L, H, W, 3) -> an H.264 mp4 at `path` (local or gs://; written locally, then copied).
+
+    Odd sizes are padded by one pixel (yuv420p needs even sizes).
+    """
+    import shutil
+    import tempfile
+
+    import av
+
+    frames = np.asarray(frames, np.uint8)
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    out = epath.Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = f"{tmp}/video.mp4"
+        with av.open(local, mode="w") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.height, stream.width = frames.shape[1], frames.shape[2]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "18"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "rb") as src, out.open("wb") as dst:
+            shutil.copyfileobj(src, dst)

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: torch-free readers of PyTorch checkpoint files."""

@@ -1,0 +1,288 @@
+r"""Train CoordTok.
+
+    python -m coordtok_jax.train --config=configs/coordtok.py:tiny --workdir=/tmp/coordtok_tiny
+    python -m coordtok_jax.train --config=configs/coordtok.py:L,stage=1 --workdir=gs://BUCKET/coordtok_L_s1
+    python -m coordtok_jax.train --config=configs/coordtok.py:L,stage=2 --workdir=gs://BUCKET/coordtok_L_s2 \
+        --config.init_from=gs://BUCKET/coordtok_L_s1 --config.lpips.vgg_path=... --config.lpips.lin_path=...
+
+Re-running the same command on the same workdir resumes from its latest checkpoint. The workdir
+gets config.json, checkpoints/ (Orbax), tb/ (TensorBoard) and samples/ (original | reconstruction
+mp4s and PSNR of held-out clips every eval_every steps).
+
+Sections: distributed set-up, mesh, input, model + optimizer (created sharded), step,
+checkpoint/resume, evaluation, loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from coordtok_jax import sharding as sharding_lib
+from coordtok_jax.data.pipeline import make_dataset
+from coordtok_jax.data.sources import SyntheticSource, make_source
+from coordtok_jax.data.video import to_model_input
+from coordtok_jax.metrics import video_psnr
+from coordtok_jax.models import ConfigError, validate
+from coordtok_jax.models.decode_video import decode_video
+from coordtok_jax.train import flops as flops_lib
+from coordtok_jax.train.checkpoint import Checkpointer, config_to_json, restore_params
+from coordtok_jax.train.state import abstract_with_shardings, create_train_state, make_optimizer
+from coordtok_jax.train.step import make_train_step
+
+FLAGS = flags.FLAGS
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def define_flags():
+    """Defined only when run as a program, so importing this module defines no flags."""
+    config_flags.DEFINE_config_file("config", None, "configs/coordtok.py:SIZE[,stage=N]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Checkpoints, logs, samples (local or gs://). Re-use it to resume.")
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+    """Join a multi-process JAX system when asked to.
+
+    'auto' initialises on TPU VMs (they describe themselves), under SLURM with more than one task
+    (JAX reads the SLURM variables), and when JAX_COORDINATOR_ADDRESS is set; in that case
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID (set by launch/multinode.sh) give the process layout.
+    'on' always initialises (auto-detection), 'off' never.
+    """
+    if mode == "off" or jax.distributed.is_initialized():
+        return
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env.get("JAX_PROCESS_ID", "0")),
+        )
+        return
+    on_tpu_pod = "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    on_slurm = int(env.get("SLURM_NTASKS", "1")) > 1
+    if mode == "on" or on_tpu_pod or on_slurm or "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize()
+
+
+def validate_training_config(config) -> None:
+    geometry = validate(config.model)
+    hosts = jax.process_count()
+    if config.stage not in (1, 2):
+        raise ConfigError(f"config.stage must be 1 or 2, got {config.stage}")
+    if config.batch_size % (hosts * config.grad_accum_steps):
+        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by processes ({hosts}) x "
+                          f"config.grad_accum_steps={config.grad_accum_steps}")
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % jax.device_count() and micro >= jax.device_count():
+        raise ConfigError(f"config.batch_size / grad_accum_steps = {micro} must be divisible by the "
+                          f"{jax.device_count()} devices")
+    if config.stage == 2 and config.num_frames * geometry.dec_patch[0] > geometry.video_shape[0]:
+        raise ConfigError(f"config.num_frames={config.num_frames} exceeds the clip's temporal patches")
+    if config.stage == 2 and config.lpips_weight > 0 and not (config.lpips.vgg_path and config.lpips.lin_path):
+        raise ConfigError(
+            "config.lpips_weight > 0 needs the LPIPS weights: set --config.lpips.vgg_path to torchvision's "
+            "vgg16 ImageNet state_dict (vgg16-397923af.pth) and --config.lpips.lin_path to the LPIPS linear "
+            "layers (vgg.pth), or --config.lpips_weight=0")
+
+
+def _eval_clips(config, shape):
+    """Held-out clips: the eval split of the source (synthetic: another seed), first eval_videos."""
+    data = config.data
+    if data.source == "synthetic":
+        source = SyntheticSource(shape, max(1, config.eval_videos), data.synthetic_seed + 1, data.min_frames)
+    else:
+        source = make_source(data, shape, train=False)
+    clips = [source.load(i, np.random.default_rng(i)) for i in range(min(config.eval_videos, len(source)))]
+    return np.stack([c["video"] for c in clips]), np.array([c["n_frames"] for c in clips], np.int32)
+
+
+def train(config, workdir: str) -> dict:
+    # --- distributed, config, workdir -------------------------------------------------------
+    maybe_initialize_distributed(config.distributed)
+    validate_training_config(config)
+    geometry = validate(config.model)
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
+    logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
+
+    # --- mesh -------------------------------------------------------------------------------
+    mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+    batch_sharding = NamedSharding(mesh, P(tuple(config.mesh.axes)))
+    replicated = NamedSharding(mesh, P())
+
+    # --- input ------------------------------------------------------------------------------
+    local_batch = config.batch_size // jax.process_count()
+    dataset = make_dataset(config.data, geometry.video_shape, local_batch)
+    data_iter = iter(dataset)
+
+    # --- model, optimizer, state (created sharded) ------------------------------------------
+    tx = make_optimizer(config)
+    graphdef, state, state_sh = create_train_state(config, mesh, tx)
+    lpips = None
+    if config.stage == 2 and config.lpips_weight > 0:
+        from coordtok_jax.models.lpips import load_lpips
+
+        lpips = load_lpips(config.lpips.vgg_path, config.lpips.lin_path)
+
+    # --- step -------------------------------------------------------------------------------
+    step_fn = make_train_step(graphdef, geometry, config, tx, lpips)
+    batch_sh = {"video": batch_sharding, "n_frames": batch_sharding, "decode_failures": batch_sharding}
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                         donate_argnums=0)
+
+    # --- checkpoint / resume ----------------------------------------------------------------
+    ckpt = Checkpointer(str(workdir), config.keep_last, config.keep_every)
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, abstract_with_shardings(state, state_sh), data_iter)
+        logging.info("resumed from step %d", start)
+    elif config.init_from:
+        params, from_step = restore_params(config.init_from, abstract_with_shardings(state.params, state_sh.params))
+        state = state.replace(params=params)  # fresh optimizer (official stage 2)
+        logging.info("initialised parameters from %s (step %d)", config.init_from, from_step)
+    first_step = int(state.step)
+
+    # --- evaluation -------------------------------------------------------------------------
+    eval_frames, eval_n = _eval_clips(config, geometry.video_shape) if config.eval_videos > 0 else (None, None)
+
+    def _eval(params, frames, n):
+        model = nnx.merge(graphdef, params)
+        planes = model.encode(to_model_input(frames, n, config.data.pad_value), n)
+        video = decode_video(model, planes, points_per_call=config.eval_points_per_call)
+        return jnp.clip((video + 1) / 2, 0, 1)
+
+    eval_fn = jax.jit(_eval, out_shardings=replicated)
+
+    def evaluate(step):
+        recon = np.asarray(eval_fn(state.params, eval_frames, eval_n))
+        target = eval_frames.astype(np.float32) / 255.0
+        psnr = np.asarray(video_psnr(recon, target, eval_n))
+        if is_main:
+            from coordtok_jax.data.video_io import write_video
+
+            side = np.concatenate([eval_frames, (recon * 255 + 0.5).astype(np.uint8)], axis=3)  # (B, T, H, 2W, 3)
+            grid = np.concatenate(list(side), axis=1)  # videos stacked vertically
+            write_video(workdir / "samples" / f"step_{step:08d}.mp4", grid)
+        return float(psnr.mean())
+
+    # --- logging ----------------------------------------------------------------------------
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(workdir / "tb"))
+    flops_per_step = flops_lib.train_flops_per_step(config)
+    peak = flops_lib.peak_flops(jax.devices()[0], config.peak_flops_per_device)
+
+    def check_finite(where):
+        bad = int(state.first_nonfinite)
+        if bad >= 0:
+            raise NonFiniteLoss(f"non-finite loss at step {bad + 1} ({where}); nothing past step {bad} was saved")
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        del frame
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # --- loop -------------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.total_steps, initial=first_step, unit="step", dynamic_ncols=True, disable=not is_main,
+               file=sys.stdout, mininterval=1.0)
+    summary = {"first_step": first_step}
+    t_log, steps_since = time.perf_counter(), 0
+    failures = jnp.zeros((), jnp.int32)  # skipped bad files, summed on device (no per-step sync)
+    step = first_step
+    try:
+        while step < config.total_steps:
+            local = next(data_iter)
+            batch = {k: jax.make_array_from_process_local_data(batch_sh[k], local[k]) for k in batch_sh}
+            state, metrics = train_step(state, batch)
+            failures = failures + metrics["decode_failures"]
+            step += 1
+            steps_since += 1
+            bar.update(1)
+            if step == first_step + 1:  # do not count compilation in videos/s
+                jax.block_until_ready(state.step)
+                t_log, steps_since = time.perf_counter(), 0
+
+            if step % config.log_every == 0 or step == config.total_steps:
+                metrics = jax.device_get(metrics)
+                check_finite("log")
+                dt = (time.perf_counter() - t_log) / max(steps_since, 1)
+                scalars = {k: float(v) for k, v in metrics.items() if k != "decode_failures"}
+                scalars.update(step_time=dt, videos_per_s=config.batch_size / dt, skipped_files=int(failures))
+                if peak:
+                    scalars["mfu"] = flops_per_step / dt / (peak * jax.device_count())
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", vid_s=f"{scalars['videos_per_s']:.1f}")
+                if writer:
+                    for k, v in scalars.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                summary["loss"] = scalars["loss"]
+                t_log, steps_since = time.perf_counter(), 0
+
+            if config.eval_videos > 0 and (step % config.eval_every == 0 or step == config.total_steps):
+                check_finite("eval")
+                psnr = evaluate(step)
+                summary["eval_psnr"] = psnr
+                if writer:
+                    writer.add_scalar("eval/psnr", psnr, step)
+                bar.write(f"step {step}: eval PSNR {psnr:.2f} dB on {len(eval_n)} held-out clips")
+
+            if step % config.save_every == 0 or step == config.total_steps or stop["signal"]:
+                check_finite("save")
+                ckpt.save(step, state, data_iter, config, force=True)
+
+            if config.debug.kill_at_step and step == config.debug.kill_at_step:
+                ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop["signal"]:
+                bar.write(f"received signal {stop['signal']}: saved step {step}, exiting")
+                break
+    finally:
+        bar.close()
+        ckpt.close()
+        if writer:
+            writer.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    summary.update(last_step=step, params=state.params, state=state)
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError("--config and --workdir are required (see --help)")
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    define_flags()
+    app.run(main)

@@ -1,0 +1,144 @@
+"""The train step's pieces: coordinate sampling, target gathering, FLOPs, sharding equivalence."""
+
+import coordtok
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from coordtok_jax import sharding as sharding_lib
+from coordtok_jax.models import validate
+from coordtok_jax.train import flops, sampling
+from coordtok_jax.train.state import create_train_state, make_optimizer
+from coordtok_jax.train.step import frames_from_points, make_train_step
+
+TINY = validate(coordtok.get_config("tiny").model)  # grid (16, 8, 8), patch (1, 4, 4)
+
+
+def test_stage1_indices_uniform_over_valid_frames_with_replacement():
+    n_frames = jnp.array([16, 5, 1])
+    idx = np.asarray(sampling.sample_stage1(jax.random.key(0), n_frames, TINY, 4000))
+    assert idx.shape == (3, 4000, 3) and idx.dtype == np.int32
+    for b, n in enumerate([16, 5, 1]):
+        assert idx[b, :, 0].min() == 0 and idx[b, :, 0].max() == n - 1
+        counts = np.bincount(idx[b, :, 0], minlength=n)[:n]
+        assert counts.min() > 0.7 * 4000 / n  # roughly uniform
+    assert idx[..., 1].max() == 7 and idx[..., 2].max() == 7 and idx[..., 1:].min() == 0
+    assert len({tuple(r) for r in idx[0]}) < 4000  # duplicates occur (with replacement)
+
+
+def test_stage2_distinct_frames_all_patches_row_major():
+    n_frames = jnp.array([16, 10, 3])
+    idx = np.asarray(sampling.sample_stage2(jax.random.key(1), n_frames, TINY, 4))
+    assert idx.shape == (3, 4 * 64, 3)
+    for b, n in enumerate([16, 10, 3]):
+        frames = idx[b, ::64, 0]
+        assert np.all(frames < n)
+        per_frame = idx[b].reshape(4, 64, 3)
+        assert np.all(per_frame[:, :, 0] == frames[:, None])  # each frame's patches contiguous
+        np.testing.assert_array_equal(per_frame[0, :, 1:], np.stack(np.meshgrid(range(8), range(8), indexing="ij"), -1).reshape(64, 2))
+        if n >= 4:
+            assert len(set(frames.tolist())) == 4  # distinct
+        else:
+            assert set(frames.tolist()) == set(range(n))  # all valid frames, repeated
+    orders = {tuple(np.asarray(sampling.sample_stage2(jax.random.key(s), n_frames, TINY, 4))[0, ::64, 0]) for s in range(20)}
+    assert len(orders) > 10 and any(list(o) != sorted(o) for o in orders)  # random, not sorted
+
+
+def test_gather_targets_matches_slicing():
+    video = np.random.default_rng(0).integers(0, 256, size=(2, 16, 32, 32, 3), dtype=np.uint8)
+    idx = np.asarray(sampling.sample_stage1(jax.random.key(2), jnp.array([16, 9]), TINY, 50))
+    got = np.asarray(sampling.gather_targets(jnp.asarray(video), jnp.asarray(idx), TINY))
+    for b in range(2):
+        for k in range(50):
+            t, x, y = idx[b, k]
+            want = video[b, t : t + 1, x * 4 : x * 4 + 4, y * 4 : y * 4 + 4].reshape(-1) / 255.0 * 2 - 1
+            np.testing.assert_allclose(got[b, k], want, atol=1e-6)
+
+
+def test_stage2_frames_round_trip():
+    video = np.random.default_rng(1).integers(0, 256, size=(1, 16, 32, 32, 3), dtype=np.uint8)
+    idx = sampling.sample_stage2(jax.random.key(3), jnp.array([16]), TINY, 4)
+    frames = np.asarray(frames_from_points(sampling.gather_targets(jnp.asarray(video), idx, TINY), TINY, 4))
+    t = np.asarray(idx)[0, ::64, 0]
+    np.testing.assert_allclose(frames, video[0, t] / 255.0 * 2 - 1, atol=1e-6)
+
+
+def test_flops_reproduce_the_official_table():
+    l1 = coordtok.get_config("L,stage=1")
+    fwd = flops.forward_flops(l1.model, 1024)
+    assert fwd["vit3d"] / 1e9 == pytest.approx(253.7, abs=0.05)
+    assert fwd["cross_self"] / 1e9 == pytest.approx(112.8, abs=0.05)
+    assert fwd["decoder"] / 1e9 == pytest.approx(722.0, abs=0.05)
+    assert flops.train_flops_per_step(l1) / 1e12 == pytest.approx(836.0, abs=0.05)
+    assert flops.vgg16_forward_flops(128, 128) / 1e9 == pytest.approx(10.02, abs=0.005)
+    l2 = coordtok.get_config("L,stage=2")
+    assert flops.forward_flops(l2.model, 4096)["decoder"] / 1e9 == pytest.approx(4125.0, abs=0.05)
+    assert flops.train_flops_per_step(l2) / 1e12 == pytest.approx(3572.6, abs=0.05)
+
+
+def _run_steps(config, mesh, batches, steps):
+    tx = make_optimizer(config)
+    graphdef, state, state_sh = create_train_state(config, mesh, tx)
+    geometry = validate(config.model)
+    step = jax.jit(make_train_step(graphdef, geometry, config, tx), donate_argnums=0)
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+    losses = []
+    with jax.set_mesh(mesh):
+        for i in range(steps):
+            batch = {k: jax.device_put(v, batch_sh) for k, v in batches[i].items()}
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    return losses, jax.tree.map(np.asarray, state.params)
+
+
+def test_meshes_give_the_same_training(devices):
+    config = coordtok.get_config("tiny")
+    rng = np.random.default_rng(0)
+    batches = [{"video": rng.integers(0, 256, size=(8, 16, 32, 32, 3), dtype=np.uint8),
+                "n_frames": rng.integers(9, 17, size=(8,)).astype(np.int32)} for _ in range(3)]
+    results = {}
+    for shape in [(8, 1), (4, 2), (1, 8), (1, 1)]:
+        devs = devices if np.prod(shape) == 8 else devices[:1]
+        mesh = sharding_lib.make_mesh(shape, ("data", "fsdp"), devices=devs)
+        results[shape] = _run_steps(config, mesh, batches, 3)
+    ref_losses, ref_params = results[(1, 1)]
+    assert ref_losses[2] < ref_losses[0]
+    for shape, (losses, params) in results.items():
+        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(shape))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(shape))
+
+
+def test_grad_accumulation_averages_micro_batch_gradients(devices):
+    import optax
+
+    from coordtok_jax.train.step import make_loss_fn
+
+    config = coordtok.get_config("tiny")
+    with config.unlocked():
+        config.num_points, config.grad_accum_steps = 64, 2
+    rng = np.random.default_rng(1)
+    video = jnp.asarray(rng.integers(0, 256, size=(8, 16, 32, 32, 3), dtype=np.uint8))
+    n_frames = jnp.asarray(rng.integers(9, 17, size=(8,)).astype(np.int32))
+    mesh = sharding_lib.make_mesh((1, 1), ("data", "fsdp"), devices=devices[:1])
+    tx = make_optimizer(config)
+    graphdef, state, _ = create_train_state(config, mesh, tx)
+    params0 = jax.tree.map(jnp.array, state.params)
+    geometry = validate(config.model)
+    new_state, metrics = jax.jit(make_train_step(graphdef, geometry, config, tx))(
+        state, {"video": video, "n_frames": n_frames})
+
+    loss_fn = make_loss_fn(graphdef, geometry, config)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+    grad = jax.jit(jax.grad(lambda p, v, n, k: loss_fn(p, v, n, k)[0]))
+    grads = [grad(params0, video[i * 4:(i + 1) * 4], n_frames[i * 4:(i + 1) * 4], jax.random.fold_in(key, i))
+             for i in range(2)]
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+    updates, _ = tx.update(mean, tx.init(params0), params0)
+    want = optax.apply_updates(params0, updates)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=5e-6)  # lr = 1e-4
+    # Adam is scale-invariant, so the norm is what tells a mean from a sum of micro-batch grads
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(mean)), rel=1e-4)
