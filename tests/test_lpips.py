@@ -121,17 +121,18 @@ def test_bfloat16_compute(weights, model):
 def dropout_outputs(m, x, y, keys, rngs):
     """Deterministic, dropout per key (vmapped: VGG runs once) and dropout from an nnx.Rngs."""
     many = jax.vmap(lambda k: m(x, y, deterministic=False, rngs=k))(keys)
-    return m(x, y), many, m(x, y, deterministic=False, rngs=rngs)
+    return m(x, y), many, m(x, y, deterministic=False, rngs=rngs), m(x, y, deterministic=False, key=keys[1])
 
 
 def test_dropout(model):
     x, y = pair(7, (2, 16, 16, 3))
     keys = jax.random.split(jax.random.key(2), 200)
     keys = keys.at[0].set(nnx.Rngs(dropout=3).dropout())  # what an nnx.Rngs(dropout=3) draws first
-    det, many, via_rngs = (np.asarray(a) for a in dropout_outputs(model, x, y, keys, nnx.Rngs(dropout=3)))
+    det, many, via_rngs, via_key = (np.asarray(a) for a in dropout_outputs(model, x, y, keys, nnx.Rngs(dropout=3)))
     assert many.shape == (200, 2) and det.shape == (2,)
     np.testing.assert_array_equal(via_rngs, many[0])  # nnx.Rngs: its 'dropout' stream
-    _, again, _ = dropout_outputs(model, x, y, keys, nnx.Rngs(dropout=3))
+    np.testing.assert_array_equal(via_key, many[1])  # key=k is the same as rngs=k
+    _, again, _, _ = dropout_outputs(model, x, y, keys, nnx.Rngs(dropout=3))
     np.testing.assert_array_equal(np.asarray(again), many)  # deterministic per key
     assert not np.allclose(many[0], det) and not np.allclose(many[0], many[1])
     # inverted dropout (x 1/(1-p)) is unbiased: the mean over many keys approaches the deterministic value

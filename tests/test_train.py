@@ -118,3 +118,32 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     data = sorted(os.listdir(tmp_path / "checkpoints" / "2" / "data"))
     assert [d for d in data if d.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
     assert "loss=" in outputs[0][0]  # process 0 shows the progress bar
+
+
+def test_stage2_starts_from_stage1_with_lpips(straight_run, tmp_path):
+    from coordtok_jax.models.lpips import conv_shapes, lin_shapes
+
+    stage1_dir, summary = straight_run
+    rng = np.random.default_rng(0)
+    vgg = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in conv_shapes().items()}
+    lin = {k: np.abs(rng.standard_normal(s)).astype(np.float32) * 0.1 for k, s in lin_shapes().items()}
+    np.savez(tmp_path / "vgg.npz", **vgg)
+    np.savez(tmp_path / "lin.npz", **lin)
+    config = coordtok.get_config("tiny,stage=2")
+    with config.unlocked():
+        config.batch_size, config.num_frames, config.total_steps = 8, 2, 3
+        config.eval_videos, config.log_every, config.save_every = 0, 1, 3
+        config.init_from = str(stage1_dir)
+        config.lpips.vgg_path, config.lpips.lin_path = str(tmp_path / "vgg.npz"), str(tmp_path / "lin.npz")
+    out = trainer.train(config, str(tmp_path / "work"))
+    assert out["first_step"] == 0 and out["last_step"] == 3  # fresh optimizer and step count
+    stage1 = jax.tree.leaves(jax.tree.map(np.asarray, summary["params"]))
+    stage2 = jax.tree.leaves(jax.tree.map(np.asarray, out["params"]))
+    # three AdamW steps at lr 1e-4 move each parameter by at most ~3e-4 from the stage-1 weights
+    assert max(float(np.abs(a - b).max()) for a, b in zip(stage1, stage2)) < 1e-3
+    assert np.isfinite(out["loss"])
+
+    with config.unlocked():
+        config.lpips.vgg_path = None
+    with pytest.raises(Exception, match="config.lpips.vgg_path"):
+        trainer.train(config, str(tmp_path / "work2"))

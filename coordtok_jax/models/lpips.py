@@ -13,12 +13,14 @@ All weights are frozen pretrained values: they live in `Frozen` variables (not `
 optimizer built over nnx.Param never sees them) and are wrapped in stop_gradient. Gradients flow to
 the inputs (stage-2 training backpropagates the LPIPS loss into the reconstruction). The one
 deliberate difference from PyTorch: at a position whose features are all exactly zero, the norm's
-gradient is 0 instead of PyTorch's NaN (forward values are identical).
+gradient is 0 instead of PyTorch's NaN (forward values are identical). Identical images give exactly
+0 (and a zero gradient). x and y go through VGG as separate passes, so a gradient w.r.t. x needs
+no backward pass through the target's VGG.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -98,13 +100,15 @@ class LPIPS(nnx.Module):
     @classmethod
     def random(cls, key: jax.Array, dtype=jnp.float32, precision=None) -> "LPIPS":
         """Random weights of the right shapes (He-normal convs, U(0, 8/C) lin weights), for tests."""
-        keys = iter(jax.random.split(key, 2 * len(CONV_INDICES) + len(CHANNELS)))
+        # NumPy generator seeded by the key: eager jax.random per shape would compile for seconds
+        data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        rng = np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
         convs = []
         for o, i, kh, kw in (s for k, s in conv_shapes().items() if k.endswith("weight")):
             std = np.sqrt(2.0 / (i * kh * kw))
-            convs.append((std * jax.random.normal(next(keys), (kh, kw, i, o)),
-                          0.01 * jax.random.normal(next(keys), (o,))))
-        lins = [jax.random.uniform(next(keys), (c,)) / c * 8 for c in CHANNELS]
+            convs.append(((std * rng.standard_normal((kh, kw, i, o))).astype(np.float32),
+                          (0.01 * rng.standard_normal(o)).astype(np.float32)))
+        lins = [rng.uniform(0, 8 / c, c).astype(np.float32) for c in CHANNELS]
         return cls(convs, lins, dtype=dtype, precision=precision)
 
     def features(self, x: jax.Array) -> list[jax.Array]:
@@ -129,17 +133,21 @@ class LPIPS(nnx.Module):
         return taps
 
     def __call__(self, x: jax.Array, y: jax.Array, *, deterministic: bool = True,
-                 rngs: Union[nnx.Rngs, jax.Array, None] = None) -> jax.Array:
+                 rngs: Union[nnx.Rngs, jax.Array, None] = None,
+                 key: Optional[jax.Array] = None) -> jax.Array:
         """LPIPS distances (N,) float32 between images x, y (N, H, W, 3) in [-1, 1].
 
         Dropout(0.5) before each linear layer (as the official stage-2 training, which runs LPIPS
-        in train mode) is applied only if deterministic=False; `rngs` is then an nnx.Rngs (its
-        'dropout' stream) or a jax PRNG key.
+        in train mode) is applied only if deterministic=False; it then needs `rngs` (an nnx.Rngs,
+        whose 'dropout' stream is used, or a PRNG key) or, equivalently, `key` (a PRNG key).
         """
         if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"LPIPS expects two (N, H, W, 3) images of equal shape, got {x.shape}, {y.shape}")
+        if rngs is not None and key is not None:
+            raise ValueError("LPIPS: pass either `rngs` or `key`, not both")
+        rngs = key if rngs is None else rngs
         if not deterministic and rngs is None:
-            raise ValueError("LPIPS(deterministic=False) needs `rngs` (an nnx.Rngs or a PRNG key)")
+            raise ValueError("LPIPS(deterministic=False) needs `rngs` (an nnx.Rngs or a PRNG key) or `key`")
         # Separate VGG passes: under jax.grad w.r.t. x, the target's pass needs no backward.
         taps = list(zip(self.features(x), self.features(y)))
         keeps = [None] * len(taps)
@@ -185,6 +193,11 @@ def _read(path, help_text: str, what: str) -> dict:
     if path is None or str(path) == "":
         raise FileNotFoundError(f"no {what} file given: {help_text}")
     try:
+        if str(path).endswith(".npz"):  # the same keys saved with np.savez (no torch file needed)
+            from etils import epath
+
+            with epath.Path(path).open("rb") as f, np.load(f) as data:
+                return {k: data[k] for k in data.files}
         return _unwrap(load_pth(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file not found at {str(path)!r}: {help_text}") from None
@@ -192,7 +205,8 @@ def _read(path, help_text: str, what: str) -> dict:
 
 def load_lpips(vgg_path, lin_path, dtype=jnp.float32, precision=None) -> LPIPS:
     """LPIPS from torchvision's vgg16 .pth (full, `features.*` subset, or the bare `features`
-    Sequential's '{i}.weight' keys) and the LPIPS `vgg.pth` linear layers; torch is not needed."""
+    Sequential's '{i}.weight' keys) and the LPIPS `vgg.pth` linear layers; torch is not needed.
+    A `.npz` with the same keys is accepted for either file."""
     vgg = _read(vgg_path, VGG_HELP, "LPIPS VGG16 weights")
     lin = _read(lin_path, LIN_HELP, "LPIPS linear-layer weights")
     if vgg and all(k.split(".")[0].isdigit() for k in vgg):

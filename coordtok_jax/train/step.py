@@ -11,8 +11,6 @@ two terms and the same optimum; with Adam only the balance against eps and weigh
 
 from __future__ import annotations
 
-from typing import Optional
-
 import einops
 import jax
 import jax.numpy as jnp
@@ -33,13 +31,18 @@ def frames_from_points(values: jax.Array, geometry, num_frames: int) -> jax.Arra
                             k=num_frames, x=gx, y=gy, pt=pt, px=px, py=py, c=3)
 
 
-def make_loss_fn(graphdef, geometry, config, lpips=None):
+def make_loss_fn(graphdef, geometry, config, lpips_graphdef=None):
+    """loss_fn(params, video, n_frames, key, lpips_state=None) -> (loss, metrics).
+
+    The frozen LPIPS network travels as an argument (its graphdef + state from nnx.split), not as
+    a closure, so its 15M weights are not baked into the compiled program as constants.
+    """
     stage = config.stage
     use_lpips = stage == 2 and config.lpips_weight > 0
-    if use_lpips and lpips is None:
+    if use_lpips and lpips_graphdef is None:
         raise ValueError("config.lpips_weight > 0 needs the LPIPS network (config.lpips.vgg_path / lin_path)")
 
-    def loss_fn(params, video, n_frames, key):
+    def loss_fn(params, video, n_frames, key, lpips_state=None):
         k_coords, k_drop = jax.random.split(key)
         if stage == 1:
             idx = sampling.sample_stage1(k_coords, n_frames, geometry, config.num_points)
@@ -53,6 +56,7 @@ def make_loss_fn(graphdef, geometry, config, lpips=None):
         per_video = l2
         metrics = {"l2": jnp.mean(l2)}
         if use_lpips:
+            lpips = nnx.merge(lpips_graphdef, lpips_state)
             dist = lpips(frames_from_points(pred, geometry, config.num_frames),
                          frames_from_points(targets, geometry, config.num_frames),
                          deterministic=not config.lpips.dropout, key=k_drop)
@@ -66,19 +70,20 @@ def make_loss_fn(graphdef, geometry, config, lpips=None):
     return loss_fn
 
 
-def make_train_step(graphdef, geometry, config, tx: optax.GradientTransformation, lpips=None):
-    """train_step(state, batch) -> (state, metrics); batch = {'video': uint8, 'n_frames': int32}.
+def make_train_step(graphdef, geometry, config, tx: optax.GradientTransformation, lpips_graphdef=None):
+    """train_step(state, batch, lpips_state=None) -> (state, metrics); batch = {'video': uint8,
+    'n_frames': int32}; lpips_state = nnx.split(lpips)[1] in stage 2.
 
     With config.grad_accum_steps = A > 1 the batch is split into A micro-batches whose gradients
     are averaged (a lax.scan, so memory is that of one micro-batch).
     """
-    loss_fn = make_loss_fn(graphdef, geometry, config, lpips)
+    loss_fn = make_loss_fn(graphdef, geometry, config, lpips_graphdef)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = int(config.grad_accum_steps)
 
-    def compute_grads(params, video, n_frames, key):
+    def compute_grads(params, video, n_frames, key, lpips_state):
         if accum == 1:
-            (_, metrics), grads = grad_fn(params, video, n_frames, key)
+            (_, metrics), grads = grad_fn(params, video, n_frames, key, lpips_state)
             return grads, metrics
         if video.shape[0] % accum:
             raise ValueError(f"batch {video.shape[0]} is not divisible by config.grad_accum_steps={accum}")
@@ -87,16 +92,16 @@ def make_train_step(graphdef, geometry, config, tx: optax.GradientTransformation
 
         def micro(carry, inputs):
             i, v, n = inputs
-            (_, m), g = grad_fn(params, v, n, jax.random.fold_in(key, i))
+            (_, m), g = grad_fn(params, v, n, jax.random.fold_in(key, i), lpips_state)
             return jax.tree.map(jnp.add, carry, g), m
 
         grads, metrics = jax.lax.scan(micro, zeros, (jnp.arange(accum), split(video), split(n_frames)))
         grads = jax.tree.map(lambda g: g / accum, grads)
         return grads, jax.tree.map(jnp.mean, metrics)
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, lpips_state=None):
         key = jax.random.fold_in(state.rng, state.step)
-        grads, metrics = compute_grads(state.params, batch["video"], batch["n_frames"], key)
+        grads, metrics = compute_grads(state.params, batch["video"], batch["n_frames"], key, lpips_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         bad = ~jnp.isfinite(metrics["loss"])

@@ -15,6 +15,7 @@ checkpoint/resume, evaluation, loop.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -73,7 +74,8 @@ def maybe_initialize_distributed(mode: str) -> None:
             process_id=int(env.get("JAX_PROCESS_ID", "0")),
         )
         return
-    on_tpu_pod = "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    # A Cloud TPU VM (TPU devices present); JAX finds the other workers through the metadata server.
+    on_tpu_pod = "TPU_WORKER_HOSTNAMES" in env or os.path.exists("/dev/accel0") or bool(glob.glob("/dev/vfio/[0-9]*"))
     on_slurm = int(env.get("SLURM_NTASKS", "1")) > 1
     if mode == "on" or on_tpu_pod or on_slurm or "JAX_COORDINATOR_ADDRESS" in env:
         jax.distributed.initialize()
@@ -136,17 +138,18 @@ def train(config, workdir: str) -> dict:
     # --- model, optimizer, state (created sharded) ------------------------------------------
     tx = make_optimizer(config)
     graphdef, state, state_sh = create_train_state(config, mesh, tx)
-    lpips = None
+    lpips_graphdef = lpips_state = None
     if config.stage == 2 and config.lpips_weight > 0:
         from coordtok_jax.models.lpips import load_lpips
 
-        lpips = load_lpips(config.lpips.vgg_path, config.lpips.lin_path)
+        lpips_graphdef, lpips_state = nnx.split(load_lpips(config.lpips.vgg_path, config.lpips.lin_path))
+        lpips_state = jax.device_put(lpips_state, replicated)
 
     # --- step -------------------------------------------------------------------------------
-    step_fn = make_train_step(graphdef, geometry, config, tx, lpips)
+    step_fn = make_train_step(graphdef, geometry, config, tx, lpips_graphdef)
     batch_sh = {"video": batch_sharding, "n_frames": batch_sharding, "decode_failures": batch_sharding}
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                         donate_argnums=0)
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
+                         out_shardings=(state_sh, replicated), donate_argnums=0)
 
     # --- checkpoint / resume ----------------------------------------------------------------
     ckpt = Checkpointer(str(workdir), config.keep_last, config.keep_every)
@@ -218,7 +221,7 @@ def train(config, workdir: str) -> dict:
         while step < config.total_steps:
             local = next(data_iter)
             batch = {k: jax.make_array_from_process_local_data(batch_sh[k], local[k]) for k in batch_sh}
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, batch, lpips_state)
             failures = failures + metrics["decode_failures"]
             step += 1
             steps_since += 1
