@@ -147,3 +147,31 @@ def test_stage2_starts_from_stage1_with_lpips(straight_run, tmp_path):
         config.lpips.vgg_path = None
     with pytest.raises(Exception, match="config.lpips.vgg_path"):
         trainer.train(config, str(tmp_path / "work2"))
+
+
+@pytest.mark.gcs
+def test_checkpointer_save_restore_on_gcs():
+    pytest.importorskip("gcp_storage_emulator")
+    import gcs_emulator
+    from coordtok_jax.data.pipeline import make_dataset
+    from coordtok_jax.train.checkpoint import Checkpointer
+
+    config = tiny()
+    state = {"params": {"w": jax.numpy.arange(12.0).reshape(3, 4)}, "step": jax.numpy.asarray(7, jax.numpy.int32)}
+    with gcs_emulator.running_emulator() as emu:
+        workdir = f"gs://{emu.make_bucket()}/run"
+        it = iter(make_dataset(config.data, (8, 16, 16), 2, process_index=0, process_count=1))
+        next(it), next(it)
+        ckpt = Checkpointer(workdir, keep_last=2)
+        ckpt.save(7, state, it, config, force=True)
+        ckpt.wait()
+        expected = next(it)
+        fresh = iter(make_dataset(config.data, (8, 16, 16), 2, process_index=0, process_count=1))
+        again = Checkpointer(workdir, keep_last=2)
+        assert again.latest_step() == 7
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = again.restore(7, abstract, fresh)
+        np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.asarray(state["params"]["w"]))
+        np.testing.assert_array_equal(next(fresh)["video"], expected["video"])  # the iterator resumes too
+        again.close()
+        ckpt.close()
