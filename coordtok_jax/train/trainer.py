@@ -156,11 +156,13 @@ def train(config, workdir: str) -> dict:
     start = ckpt.latest_step()
     if start is not None:
         state = ckpt.restore(start, abstract_with_shardings(state, state_sh), data_iter)
-        logging.info("resumed from step %d", start)
+        if is_main:
+            print(f"resumed from {workdir}/checkpoints/{start}")
     elif config.init_from:
         params, from_step = restore_params(config.init_from, abstract_with_shardings(state.params, state_sh.params))
         state = state.replace(params=params)  # fresh optimizer (official stage 2)
-        logging.info("initialised parameters from %s (step %d)", config.init_from, from_step)
+        if is_main:
+            print(f"initialised parameters from {config.init_from} (step {from_step}); fresh optimizer")
     first_step = int(state.step)
 
     # --- evaluation -------------------------------------------------------------------------
@@ -279,6 +281,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required (see --help)")
+    if not FLAGS["verbosity"].present:  # keep the progress bar readable (Orbax logs every save at INFO)
+        logging.set_verbosity(logging.WARNING)
     try:
         train(FLAGS.config, FLAGS.workdir)
     except (ConfigError, NonFiniteLoss) as e:
