@@ -175,3 +175,22 @@ def test_checkpointer_save_restore_on_gcs():
         np.testing.assert_array_equal(next(fresh)["video"], expected["video"])  # the iterator resumes too
         again.close()
         ckpt.close()
+
+
+def test_sigterm_saves_the_current_step_and_exits(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordtok_jax.train", "--config=configs/coordtok.py:tiny", f"--workdir={tmp_path}",
+         "--config.total_steps=100000", "--config.save_every=100000", "--config.eval_videos=0",
+         "--config.log_every=5"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    seen = ""
+    while "loss=" not in seen:  # training is under way (the first log line came out)
+        chunk = proc.stdout.read(200)
+        assert chunk, f"trainer ended early:\n{seen[-3000:]}"
+        seen += chunk
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (seen + rest)[-3000:]
+    assert "received signal" in rest
+    steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert len(steps) == 1 and 5 <= steps[0] < 100000
