@@ -188,7 +188,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.keep_every = 0 if tiny else 50_000
     config.eval_every = 100 if tiny else 5_000
     config.eval_videos = 2 if tiny else 4
-    config.eval_points_per_call = ml_collections.FieldReference(None, field_type=int)  # None = all at once
+    # Full-clip decoding in eval: None = every patch in one joint pass (the paper's protocol); large
+    # models decode in contiguous chunks like the official decode_video.
+    config.eval_points_per_call = ml_collections.FieldReference(None if tiny else 4096, field_type=int)
     config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)  # MFU; None = known table
 
     # Mesh and parameter sharding.

@@ -2,7 +2,6 @@
 
 import coordtok
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.models import validate
