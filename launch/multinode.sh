@@ -58,33 +58,8 @@ PROG="launch/multinode.sh"
 
 usage() { sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-die_usage() {
-  echo "$PROG: error: $*" >&2
-  echo "run '$PROG --help' for usage" >&2
-  exit 2
-}
-
-note() { echo "$PROG: $*" >&2; }
-
-# Shell-quote one word: as-is when it is plain, else in single quotes ('\'' for a quote).
-quote1() {
-  local s="$1"
-  if [[ -n "$s" && "$s" != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-    printf '%s' "$s"
-  elif [[ "$s" != *"'"* ]]; then
-    printf "'%s'" "$s"
-  else
-    printf "'%s'" "$(printf '%s' "$s" | sed "s/'/'\\\\''/g")"
-  fi
-}
-
-quote() {
-  local out="" a
-  for a in "$@"; do out="$out$(quote1 "$a") "; done
-  printf '%s' "${out% }"
-}
-
-is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 coordinator="" num_processes="" process_id="" hosts="" local_n="" port="" gpus_opt=""
 local_ids="" dir="$PWD" ssh_prog="ssh" prefix=1 dry_run=0

@@ -78,26 +78,10 @@ die_usage() {  # exit 2: the command line is wrong
 
 die() { echo "$PROG: error: $*" >&2; exit 1; }
 
-note() { echo "$PROG: $*" >&2; }
-
-# Shell-quote one word: as-is when it is plain, else in single quotes ('\'' for a quote).
-quote1() {
-  local s="$1"
-  if [[ -n "$s" && "$s" != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-    printf '%s' "$s"
-  elif [[ "$s" != *"'"* ]]; then
-    printf "'%s'" "$s"
-  else
-    printf "'%s'" "$(printf '%s' "$s" | sed "s/'/'\\\\''/g")"
-  fi
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Shell-quote the arguments, space-separated (what a shell reads back as the same words).
-quote() {
-  local out="" a
-  for a in "$@"; do out="$out$(quote1 "$a") "; done
-  printf '%s' "${out% }"
-}
 
 # A path for the remote shell: a leading ~/ stays unquoted so that it expands on the worker.
 remote_path() {
