@@ -52,7 +52,7 @@ def reconstruct(config, num_videos: int, output: str) -> dict:
     from coordtok_jax.data.video import to_model_input
     from coordtok_jax.metrics import video_psnr
     from coordtok_jax.models import CoordTok, count_params, validate
-    from coordtok_jax.models.patches import grid_indices, indices_to_coords, patches_to_video
+    from coordtok_jax.models.decode_video import decode_video
 
     geometry = validate(config.model)  # fails here, naming the field, before anything compiles.
     T, H, W = geometry.video_shape
@@ -67,22 +67,18 @@ def reconstruct(config, num_videos: int, output: str) -> dict:
     model, _ = _timed("init (jit)", nnx.jit(lambda: CoordTok(config.model, rngs=nnx.Rngs(config.seed))))
     print(f"  parameters: {count_params(model):,}")
 
-    indices = grid_indices(geometry.dec_grid[0], geometry.dec_grid)
-    coords = jnp.broadcast_to(indices_to_coords(indices, geometry.dec_grid), (num_videos,) + indices.shape)
+    num_patches = geometry.dec_grid[0] * geometry.dec_grid[1] * geometry.dec_grid[2]
 
     @nnx.jit
     def encode(m, f, n):
         return m.encode(to_model_input(f, n, config.data.pad_value), n)
 
-    @nnx.jit
-    def decode(m, planes, c):
-        values = m.decode(planes, c)
-        return patches_to_video(values, geometry.dec_grid[0], geometry.dec_grid, geometry.dec_patch)
+    decode = nnx.jit(lambda m, planes: decode_video(m, planes))  # every patch, one joint pass
 
     encode(model, frames, n_frames)  # compile
     planes, t_enc = _timed("encode", encode, model, frames, n_frames)
-    decode(model, planes, coords)  # compile
-    recon, t_dec = _timed(f"decode all {indices.shape[0]} patches", decode, model, planes, coords)
+    decode(model, planes)  # compile
+    recon, t_dec = _timed(f"decode all {num_patches} patches", decode, model, planes)
 
     recon01 = np.asarray(jnp.clip((recon + 1) / 2, 0, 1))
     target01 = frames.astype(np.float32) / 255.0
