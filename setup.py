@@ -57,6 +57,7 @@ setup(
             "coordtok-demo=coordtok_jax.demo:run",
             "coordtok-prepare=coordtok_jax.data.prepare:run",
             "coordtok-train=coordtok_jax.train.trainer:run",
+            "coordtok-convert=coordtok_jax.convert.cli:run",
         ],
     },
     license="MIT",

@@ -12,7 +12,14 @@ sys.path.insert(0, str(ROOT / "configs"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
+
+# Orbax's replica-parallel saving slices every replicated array per replica with eager ops, each
+# compiled on first use: ~10 s of compilation for a first save on 8 simulated devices. In-process
+# tests save whole arrays instead (same files and values); trainer subprocesses keep the default.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 REFERENCE = ROOT.parent / "shared" / "reference"
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -61,23 +62,80 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(path: str, abstract_params) -> Any:
-    """Model parameters from a checkpoint written by this trainer (or by convert torch-import).
+def resolve_step(path: str, step: Optional[int] = None) -> tuple[epath.Path, int]:
+    """(checkpoints directory, step) for a workdir, its `checkpoints` folder or one step folder.
 
-    `path` is a workdir (its latest checkpoint), a workdir's `checkpoints` folder, or one step
-    folder `.../checkpoints/STEP`. Only `state.params` is read, into abstract_params' shardings.
+    `step` None means the step folder given, else the latest step. Raises FileNotFoundError
+    naming the path when there is no checkpoint.
     """
     p = epath.Path(path)
     if (p / "checkpoints").exists():
         p = p / "checkpoints"
     if (p / "state").exists():
-        directory, step = p.parent, int(p.name)
+        directory, given = p.parent, int(p.name)
+        step = given if step is None else step
     else:
-        directory, step = p, None
-    manager = ocp.CheckpointManager(directory, item_names=("state",), options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
+        directory = p
     if step is None:
-        raise FileNotFoundError(f"config.init_from={path!r}: no checkpoint found there")
+        steps = [int(c.name) for c in directory.iterdir() if c.name.isdigit() and (c / "state").exists()] \
+            if directory.exists() else []
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {path} (expected WORKDIR/checkpoints/STEP/state)")
+        step = max(steps)
+    if not (directory / str(step) / "state").exists():
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}")
+    return directory, int(step)
+
+
+def read_config(path: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
+    """The config a checkpoint was written with (its `config` item), else WORKDIR/config.json."""
+    directory, step = resolve_step(path, step)
+    candidates = (directory / str(step) / "config" / "metadata", directory.parent / "config.json")
+    for f in candidates:
+        if f.exists():
+            try:
+                return ml_collections.ConfigDict(json.loads(f.read_text()))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f} is not valid JSON: {e}") from e
+    raise FileNotFoundError(f"no config for {directory}/{step}: looked for {', '.join(map(str, candidates))}")
+
+
+def is_params_only(path: str, step: Optional[int] = None) -> bool:
+    """True for a checkpoint holding only parameters (written by convert torch-import)."""
+    directory, step = resolve_step(path, step)
+    return not (directory / str(step) / "data").exists()
+
+
+def save_params(workdir: str, params, config, step: int = 0) -> epath.Path:
+    """Writes WORKDIR/checkpoints/STEP with `state` = {'params': params} and the config.
+
+    Such a checkpoint can start a run (config.init_from=WORKDIR) and be read by
+    `restore_params`; it holds no optimizer or data-iterator state, so it cannot be resumed.
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    manager = ocp.CheckpointManager(directory, item_names=("state", "config"),
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}),
+        config=ocp.args.JsonSave(config_to_json(config)),
+    ), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return directory / str(step)
+
+
+def restore_params(path: str, abstract_params, step: Optional[int] = None) -> Any:
+    """Model parameters from a checkpoint written by this trainer (or by convert torch-import).
+
+    `path` is a workdir (its latest checkpoint, or `step`), a workdir's `checkpoints` folder,
+    or one step folder `.../checkpoints/STEP`. Only `state.params` is read, into
+    abstract_params' shardings. Returns (params, step).
+    """
+    try:
+        directory, step = resolve_step(path, step)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path!r}: {e}") from None
+    manager = ocp.CheckpointManager(directory, item_names=("state",), options=ocp.CheckpointManagerOptions(read_only=True))
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params)
     restored = manager.restore(
         step,

@@ -39,7 +39,7 @@ from coordtok_jax.metrics import video_psnr
 from coordtok_jax.models import ConfigError, validate
 from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.train import flops as flops_lib
-from coordtok_jax.train.checkpoint import Checkpointer, config_to_json, restore_params
+from coordtok_jax.train.checkpoint import Checkpointer, config_to_json, is_params_only, restore_params
 from coordtok_jax.train.state import abstract_with_shardings, create_train_state, make_optimizer
 from coordtok_jax.train.step import make_train_step
 
@@ -86,6 +86,11 @@ def validate_training_config(config) -> None:
     hosts = jax.process_count()
     if config.stage not in (1, 2):
         raise ConfigError(f"config.stage must be 1 or 2, got {config.stage}")
+    for name, lo in (("total_steps", 1), ("log_every", 1), ("save_every", 0), ("eval_every", 0)):
+        v = config[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            zero = " (0 = only at the last step)" if lo == 0 else ""
+            raise ConfigError(f"config.{name} must be an integer >= {lo}{zero}, got {v!r}")
     if config.batch_size % (hosts * config.grad_accum_steps):
         raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by processes ({hosts}) x "
                           f"config.grad_accum_steps={config.grad_accum_steps}")
@@ -100,6 +105,22 @@ def validate_training_config(config) -> None:
             "config.lpips_weight > 0 needs the LPIPS weights: set --config.lpips.vgg_path to torchvision's "
             "vgg16 ImageNet state_dict (vgg16-397923af.pth) and --config.lpips.lin_path to the LPIPS linear "
             "layers (vgg.pth), or --config.lpips_weight=0")
+
+
+def _refuse_params_only(workdir: epath.Path) -> None:
+    """A workdir written by `convert torch-import` holds parameters only: it starts runs, it is not one."""
+    try:
+        params_only = is_params_only(str(workdir))
+    except FileNotFoundError:  # no checkpoint yet
+        return
+    if params_only:
+        raise ConfigError(
+            f"{workdir}/checkpoints holds parameters only (written by `coordtok_jax.convert torch-import`), "
+            f"not a run to resume: start from it with --config.init_from={workdir} and a new --workdir")
+
+
+def _every(step: int, period: int) -> bool:
+    return period > 0 and step % period == 0
 
 
 def _eval_clips(config, shape):
@@ -123,6 +144,7 @@ def train(config, workdir: str) -> dict:
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
+    _refuse_params_only(workdir)
     logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
 
     # --- mesh -------------------------------------------------------------------------------
@@ -247,7 +269,7 @@ def train(config, workdir: str) -> dict:
                 summary["loss"] = scalars["loss"]
                 t_log, steps_since = time.perf_counter(), 0
 
-            if config.eval_videos > 0 and (step % config.eval_every == 0 or step == config.total_steps):
+            if config.eval_videos > 0 and (_every(step, config.eval_every) or step == config.total_steps):
                 check_finite("eval")
                 psnr = evaluate(step)
                 summary["eval_psnr"] = psnr
@@ -255,7 +277,7 @@ def train(config, workdir: str) -> dict:
                     writer.add_scalar("eval/psnr", psnr, step)
                 bar.write(f"step {step}: eval PSNR {psnr:.2f} dB on {len(eval_n)} held-out clips")
 
-            if step % config.save_every == 0 or step == config.total_steps or stop["signal"]:
+            if _every(step, config.save_every) or step == config.total_steps or stop["signal"]:
                 check_finite("save")
                 ckpt.save(step, state, data_iter, config, force=True)
 

@@ -1,0 +1,16 @@
+r"""Convert CoordTok checkpoints between this trainer (Orbax) and the official PyTorch format.
+
+    python -m coordtok_jax.convert torch-export --workdir=DIR [--step=N] --output=FILE.pth
+    python -m coordtok_jax.convert torch-import --checkpoint=FILE.pth --config=configs/coordtok.py:ARG --workdir=DIR
+
+See coordtok_jax/convert/cli.py for what each command reads and writes.
+"""
+
+from absl import app, flags
+
+from coordtok_jax.convert import cli
+
+if __name__ == "__main__":
+    cli.define_flags()
+    flags.adopt_module_key_flags(cli)  # list cli's flags under --help
+    app.run(cli.main)
