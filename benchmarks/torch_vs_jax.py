@@ -1,0 +1,169 @@
+r"""JAX vs the self-contained PyTorch CoordTok, side by side in one process: same config, same
+weights (converted), same batch.
+
+    python benchmarks/torch_vs_jax.py [--sizes=tiny,medium] [--steps=5] [--decode_batch=1]
+
+Rows per config:
+* train step (stage 1): sample `num_points` patch coordinates per video, gather their targets
+  from the uint8 clip, encode, decode, L2 loss, backward, AdamW (the official hyperparameters).
+  JAX: the trainer's jitted step (train/step.py). PyTorch: the same work in eager mode, float32.
+* encode: one batch of clips -> planes (no gradient).
+* decode video: every patch of the clip in one joint decoder call per video ("all" mode).
+
+`medium` is the S model (width 384, 8/12/12 layers) on 32x64x64 clips, as in train_step.py.
+Medians over --steps timed calls after a warm-up call (which includes JAX compilation, reported
+separately). Both frameworks use all CPU cores (torch.get_num_threads() is printed).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "medium"], "Configs: tiny, medium, or a configs/coordtok.py size.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per measurement after one warm-up call.")
+_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Videos per encode / full-video decode call.")
+
+
+def make_config(name):
+    import coordtok
+
+    config = coordtok.get_config("S" if name == "medium" else name)
+    with config.unlocked():
+        if name == "medium":
+            config.model.video_shape = (32, 64, 64)
+            config.batch_size, config.num_points = 2, 256
+        elif name != "tiny":
+            config.batch_size = 8
+        config.mesh.shape = (1, 1)
+    return config
+
+
+def timed(fn, steps):
+    """(first call seconds, median of `steps` further calls in seconds)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def torch_train_step(model, opt, video_u8, n_frames, num_points, geometry):
+    """The official stage-1 step in PyTorch: coordinates with replacement over valid frames."""
+    import torch
+
+    b = video_u8.shape[0]
+    pt, px, py = model.dec_patch
+    gt, gx, gy = model.dec_grid
+    max_t = torch.clamp(n_frames // pt, min=1)
+    t = (torch.rand(b, num_points) * max_t[:, None]).long()
+    x = torch.randint(0, gx, (b, num_points))
+    y = torch.randint(0, gy, (b, num_points))
+    video = video_u8.float() / 255.0 * 2.0 - 1.0  # ToTensor then v * 2 - 1, as the data pipeline
+    patches = video.reshape(b, gt, pt, gx, px, gy, py, 3).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, gt * gx * gy, -1)
+    target = torch.gather(patches, 1, ((t * gx + x) * gy + y)[..., None].expand(-1, -1, patches.shape[-1]))
+    denom = torch.tensor([max(n - 1, 1) for n in (gt, gx, gy)], dtype=torch.float32)
+    coords = torch.stack([t, x, y], dim=-1).float() / denom
+    out = model(video, n_frames, coords)
+    loss = ((out - target) ** 2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from coordtok_jax import sharding as sharding_lib
+    from coordtok_jax import torch_model
+    from coordtok_jax.convert.torch_io import to_torch_state_dict
+    from coordtok_jax.data.video import to_model_input
+    from coordtok_jax.models import validate
+    from coordtok_jax.models.decode_video import decode_video
+    from coordtok_jax.train.state import create_train_state, make_optimizer
+    from coordtok_jax.train.step import make_train_step
+
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__} on {dev.platform} ({os.cpu_count()} cores) | torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads | float32")
+    print("| config | what | batch | JAX first call s | JAX ms | PyTorch first call s | PyTorch ms | PyTorch / JAX |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name in _SIZES.value:
+        config = make_config(name)
+        g = validate(config.model)
+        T, H, W = g.video_shape
+        mesh = sharding_lib.make_mesh((1, 1), ("data", "fsdp"), devices=[dev])
+        tx = make_optimizer(config)
+        graphdef, state, _ = create_train_state(config, mesh, tx)
+        model = nnx.merge(graphdef, state.params)
+        kwargs = {k: config.model[k] for k in list(torch_model.RELEASED) + ["mlp_ratio", "padding_mask"]}
+        tmodel = torch_model.CoordTok(**kwargs)
+        tmodel.load_state_dict(to_torch_state_dict(model), strict=True)
+
+        rng = np.random.default_rng(0)
+        b = config.batch_size
+        video_u8 = rng.integers(0, 256, size=(b, T, H, W, 3), dtype=np.uint8)
+        n_frames = np.full((b,), T, np.int32)
+
+        def row(what, batch, jax_t, torch_t):
+            (jf, jm), (tf, tm) = jax_t, torch_t
+            print(f"| {name} | {what} | {batch} | {jf:.1f} | {jm * 1e3:.1f} | {tf:.1f} | {tm * 1e3:.1f} | "
+                  f"{tm / jm:.2f} |", flush=True)
+
+        # --- train step ---
+        step = jax.jit(make_train_step(graphdef, g, config, tx), donate_argnums=0)
+        batch = jax.device_put({"video": video_u8, "n_frames": n_frames}, dev)
+        holder = {"state": state}
+
+        def jax_step():
+            holder["state"], m = step(holder["state"], batch)
+            jax.block_until_ready(m)
+
+        tmodel.train()
+        o = config.optimizer
+        opt = torch.optim.AdamW(tmodel.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
+                                weight_decay=o.weight_decay)
+        tv, tn = torch.from_numpy(video_u8), torch.from_numpy(n_frames.astype(np.int64))
+        row("train step", b, timed(jax_step, _STEPS.value),
+            timed(lambda: torch_train_step(tmodel, opt, tv, tn, config.num_points, g), _STEPS.value))
+
+        # --- encode and full-video decode (fresh weights from the same state) ---
+        params = holder["state"].params
+        model = nnx.merge(graphdef, params)
+        tmodel.load_state_dict(to_torch_state_dict(model), strict=True)
+        tmodel.eval()
+        db = _DECODE_BATCH.value
+        clip = jnp.asarray(to_model_input(video_u8[:db], n_frames[:db]))
+        # functional jax.jit over the parameters (nnx.jit re-walks the module graph every call)
+        encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v))
+        decode = jax.jit(lambda p, z: decode_video(nnx.merge(graphdef, p), z))
+        planes = encode(params, clip)
+        tclip = torch.from_numpy(np.array(clip))
+        tplanes = tuple(torch.from_numpy(np.array(z)) for z in planes)
+        n_patches = g.dec_grid[0] * g.dec_grid[1] * g.dec_grid[2]
+        with torch.no_grad():
+            row("encode", db, timed(lambda: jax.block_until_ready(encode(params, clip)), _STEPS.value),
+                timed(lambda: tmodel.encode(tclip), _STEPS.value))
+            row(f"decode video ({n_patches} patches, one call)", db,
+                timed(lambda: jax.block_until_ready(decode(params, planes)), _STEPS.value),
+                timed(lambda: tmodel.decode_video(tplanes), _STEPS.value))
+
+
+if __name__ == "__main__":
+    app.run(main)
