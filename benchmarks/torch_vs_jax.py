@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "medium"], "Configs: tiny, medium, or a configs/coordtok.py size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per measurement after one warm-up call.")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Videos per encode / full-video decode call.")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch model: cpu or cuda.")
 
 
 def make_config(name):
@@ -45,15 +46,24 @@ def make_config(name):
     return config
 
 
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, steps):
     """(first call seconds, median of `steps` further calls in seconds)."""
     start = time.perf_counter()
     fn()
+    _sync()
     first = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return first, statistics.median(times)
 
@@ -65,14 +75,15 @@ def torch_train_step(model, opt, video_u8, n_frames, num_points, geometry):
     b = video_u8.shape[0]
     pt, px, py = model.dec_patch
     gt, gx, gy = model.dec_grid
+    dev = video_u8.device
     max_t = torch.clamp(n_frames // pt, min=1)
-    t = (torch.rand(b, num_points) * max_t[:, None]).long()
-    x = torch.randint(0, gx, (b, num_points))
-    y = torch.randint(0, gy, (b, num_points))
+    t = (torch.rand(b, num_points, device=dev) * max_t[:, None]).long()
+    x = torch.randint(0, gx, (b, num_points), device=dev)
+    y = torch.randint(0, gy, (b, num_points), device=dev)
     video = video_u8.float() / 255.0 * 2.0 - 1.0  # ToTensor then v * 2 - 1, as the data pipeline
     patches = video.reshape(b, gt, pt, gx, px, gy, py, 3).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, gt * gx * gy, -1)
     target = torch.gather(patches, 1, ((t * gx + x) * gy + y)[..., None].expand(-1, -1, patches.shape[-1]))
-    denom = torch.tensor([max(n - 1, 1) for n in (gt, gx, gy)], dtype=torch.float32)
+    denom = torch.tensor([max(n - 1, 1) for n in (gt, gx, gy)], dtype=torch.float32, device=dev)
     coords = torch.stack([t, x, y], dim=-1).float() / denom
     out = model(video, n_frames, coords)
     loss = ((out - target) ** 2).mean()
@@ -100,8 +111,9 @@ def main(argv):
     from coordtok_jax.train.step import make_train_step
 
     dev = jax.devices()[0]
-    print(f"jax {jax.__version__} on {dev.platform} ({os.cpu_count()} cores) | torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads | float32")
+    tdev = torch.device(_TORCH_DEVICE.value)
+    print(f"jax {jax.__version__} on {dev.platform} {getattr(dev, 'device_kind', '')} ({os.cpu_count()} cores) | "
+          f"torch {torch.__version__} on {tdev}, {torch.get_num_threads()} threads | float32")
     print("| config | what | batch | JAX first call s | JAX ms | PyTorch first call s | PyTorch ms | PyTorch / JAX |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name in _SIZES.value:
@@ -115,6 +127,7 @@ def main(argv):
         kwargs = {k: config.model[k] for k in list(torch_model.RELEASED) + ["mlp_ratio", "padding_mask"]}
         tmodel = torch_model.CoordTok(**kwargs)
         tmodel.load_state_dict(to_torch_state_dict(model), strict=True)
+        tmodel.to(tdev)
 
         rng = np.random.default_rng(0)
         b = config.batch_size
@@ -139,7 +152,7 @@ def main(argv):
         o = config.optimizer
         opt = torch.optim.AdamW(tmodel.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
                                 weight_decay=o.weight_decay)
-        tv, tn = torch.from_numpy(video_u8), torch.from_numpy(n_frames.astype(np.int64))
+        tv, tn = torch.from_numpy(video_u8).to(tdev), torch.from_numpy(n_frames.astype(np.int64)).to(tdev)
         row("train step", b, timed(jax_step, _STEPS.value),
             timed(lambda: torch_train_step(tmodel, opt, tv, tn, config.num_points, g), _STEPS.value))
 
@@ -154,8 +167,8 @@ def main(argv):
         encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v))
         decode = jax.jit(lambda p, z: decode_video(nnx.merge(graphdef, p), z))
         planes = encode(params, clip)
-        tclip = torch.from_numpy(np.array(clip))
-        tplanes = tuple(torch.from_numpy(np.array(z)) for z in planes)
+        tclip = torch.from_numpy(np.array(clip)).to(tdev)
+        tplanes = tuple(torch.from_numpy(np.array(z)).to(tdev) for z in planes)
         n_patches = g.dec_grid[0] * g.dec_grid[1] * g.dec_grid[2]
         with torch.no_grad():
             row("encode", db, timed(lambda: jax.block_until_ready(encode(params, clip)), _STEPS.value),
