@@ -20,6 +20,7 @@ RUNTIME = [
     "array_record>=0.5",
     "gcsfs>=2024.2",  # gs:// through etils.epath without TensorFlow
     "tensorboardX>=2.6",
+    "dm-pix>=0.4",  # SSIM
 ]
 
 EXTRAS = {

@@ -87,6 +87,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: 'bfloat16' on TPU/GPU; parameters stay float32.
     # None lets JAX choose; 'cudnn' selects the cuDNN flash kernel (GPU, bf16/fp16 only).
     m.attention_impl = ml_collections.FieldReference(None, field_type=str)
+    m.attention_query_chunk = 1024  # queries per chunk when attention_impl='chunked'
     m.remat_policy = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'.
     return m
 

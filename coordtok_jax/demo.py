@@ -50,7 +50,7 @@ def reconstruct(config, num_videos: int, output: str) -> dict:
 
     from coordtok_jax.data.synthetic import synthetic_clip
     from coordtok_jax.data.video import to_model_input
-    from coordtok_jax.metrics import video_psnr
+    from coordtok_jax.evaluate.metrics import video_psnr
     from coordtok_jax.models import CoordTok, count_params, validate
     from coordtok_jax.models.decode_video import decode_video
 

@@ -20,6 +20,7 @@ from test_convert import ROOT, _reference, medium_config  # noqa: E402
 
 from coordtok_jax import torch_model  # noqa: E402
 from coordtok_jax.convert import cli  # noqa: E402
+from coordtok_jax.evaluate.loading import abstract_params  # noqa: E402
 from coordtok_jax.convert.coordtok import ConversionError, from_official  # noqa: E402
 from coordtok_jax.models.coordtok import CoordTok, count_params  # noqa: E402
 from coordtok_jax.models.decode_video import decode_video  # noqa: E402
@@ -239,7 +240,7 @@ def test_export_import_cli_functions_and_torch_free_reader(tmp_path):
 
     s = cli.torch_import(str(out), config, str(tmp_path / "imported"))
     assert s["tensors"] == 105 and s["parameters"] == 511_408
-    params, step = restore_params(str(tmp_path / "imported"), cli.abstract_params(config.model))
+    params, step = restore_params(str(tmp_path / "imported"), abstract_params(config.model))
     assert step == 0
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
     with pytest.raises(FileExistsError, match="already holds checkpoints"):

@@ -44,3 +44,34 @@ def test_chunks_follow_official_slicing_and_decode_the_remainder(setup):
     assert not np.allclose(np.asarray(out), np.asarray(full), atol=1e-4)  # slicing changes outputs (official)
     with pytest.raises(ValueError, match=r"num_frames must be in \[1, 16\]"):
         decode_video(model, planes, num_frames=17)
+
+
+def test_modes_and_chunked_attention_agree():
+    """mode='chunks' is the points_per_call slicing; attention_impl='chunked' (memory-efficient,
+    queries in chunks against all keys) equals plain attention in mode 'all'."""
+    import coordtok
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from coordtok_jax.models import CoordTok
+
+    cfg = coordtok.model_config("tiny")
+    model = CoordTok(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    planes = tuple(jnp.asarray(rng.standard_normal((2,) + s).astype(np.float32)) for s in model.geometry.plane_shapes)
+    run = nnx.jit(decode_video, static_argnums=(2, 3), static_argnames=("mode",))
+    by_mode = run(model, planes, 13, 300, mode="chunks")
+    np.testing.assert_array_equal(by_mode, run(model, planes, 13, 300))
+    full = run(model, planes, 13, None, mode="all")
+    assert full.shape == (2, 13, 32, 32, 3)
+    assert float(jnp.abs(full - by_mode).max()) > 1e-4  # slicing changes what attends to what
+
+    cfg.attention_impl, cfg.attention_query_chunk = "chunked", 200  # 832 queries -> 5 chunks, padded
+    chunked = CoordTok(cfg, rngs=nnx.Rngs(0))
+    out = run(chunked, planes, 13, None, mode="all")
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="points_per_call"):
+        decode_video(model, planes, mode="chunks")
+    with pytest.raises(ValueError, match="mode"):
+        decode_video(model, planes, mode="every")

@@ -25,7 +25,6 @@ import time
 import jax
 from absl import app, flags, logging
 from etils import epath
-from flax import nnx
 from ml_collections import config_flags
 
 from coordtok_jax.convert.coordtok import ConversionError, from_official
@@ -36,7 +35,7 @@ from coordtok_jax.convert.torch_io import (
     to_torch_state_dict,
 )
 from coordtok_jax.models import ConfigError, validate
-from coordtok_jax.models.coordtok import CoordTok
+from coordtok_jax.evaluate.loading import abstract_params
 from coordtok_jax.train.checkpoint import config_to_json, read_config, resolve_step, restore_params, save_params
 
 FLAGS = flags.FLAGS
@@ -53,14 +52,6 @@ def define_flags():
                                     lock_config=True)
     flags.DEFINE_bool("module_prefix", True, "torch-export: prefix keys with DDP's 'module.' as the released file does.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --output file / checkpoints in --workdir.")
-
-
-def abstract_params(model_config):
-    """ShapeDtypeStructs of the model's parameters, on this process's first device."""
-    abstract = nnx.eval_shape(lambda: CoordTok(model_config, rngs=nnx.Rngs(0)))
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
 
 
 def torch_export(workdir: str, output: str, step=None, *, module_prefix: bool = True, overwrite: bool = False) -> dict:

@@ -100,3 +100,36 @@ def make_dataset(
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=int(data.num_workers), per_worker_buffer_size=int(data.get("worker_buffer_size", 2))))
     return it
+
+
+def make_sampled_dataset(
+    data,
+    video_shape,
+    num_clips: int,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    train: bool = False,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> grain.IterDataset:
+    """`num_clips` clips drawn uniformly with replacement from the (eval) split, as the paper's
+    evaluation protocol (random videos, random windows), in batches of `batch_size` (the last
+    may be shorter). Each host draws ceil(num_clips / process_count) clips, so every host yields
+    the same number of batches; the draw is fixed by (seed, host)."""
+    if num_clips <= 0 or batch_size <= 0:
+        raise ValueError(f"num_clips and batch_size must be positive, got {num_clips}, {batch_size}")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    source = make_source(data, tuple(video_shape), train=train)
+    if len(source) == 0:
+        raise DataError(f"{source.name}: no records to evaluate on")
+    local = -(-int(num_clips) // int(process_count))
+    records = np.random.default_rng([int(seed), int(process_index)]).integers(0, len(source), local)
+    ds = grain.MapDataset.source(records.tolist())
+    ds = ds.map_with_index(ClipLoader(source, seed, process_index, data.get("max_consecutive_failures", 64)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 4)),
+                                              prefetch_buffer_size=int(data.get("prefetch", 8))))
+    return it.batch(batch_size, drop_remainder=False)

@@ -200,7 +200,9 @@ def make_source(data, shape, *, train: bool = True):
     """The source named by config.data.source for clips of `shape` = (T, H, W)."""
     kind = data.source
     if kind == "synthetic":
-        return SyntheticSource(shape, data.num_clips, data.get("synthetic_seed", 0), data.get("min_frames"))
+        # the held-out split is another seed (clips are a function of (seed, index))
+        seed = data.get("synthetic_seed", 0) + (0 if train else 1)
+        return SyntheticSource(shape, data.num_clips, seed, data.get("min_frames"))
     if kind == "folder":
         return FolderSource(data.root, shape, None if train else data.get("eval_list"))
     if kind == "array_record":

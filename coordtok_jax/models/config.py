@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 PADDING_MASK_MODES = ("official", "exclude")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
 # Ready-made jax.checkpoint_policies (the others are factories that need arguments).
 REMAT_POLICIES = (
@@ -50,7 +50,7 @@ MODEL_FIELDS = (
     "mlp_ratio",
     "padding_mask",  # 'official' (+1 logit on padded memory, spec 9.1/9.3) or 'exclude'.
     "dtype",  # compute dtype; parameters are always float32.
-    "attention_impl",  # None (let JAX choose), 'xla' or 'cudnn'.
+    "attention_impl",  # None (let JAX choose), 'xla', 'cudnn' or 'chunked' (query chunks, any backend).
     "remat_policy",  # 'none' or a name in jax.checkpoint_policies.
 )
 
@@ -191,6 +191,7 @@ def validate(cfg: Any) -> Geometry:
     impl = _get(cfg, "attention_impl")
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    query_chunk(cfg)
     policy = _get(cfg, "remat_policy")
     if policy not in REMAT_POLICIES or (policy != "none" and not hasattr(jax.checkpoint_policies, policy)):
         raise ConfigError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
@@ -209,6 +210,15 @@ def validate(cfg: Any) -> Geometry:
         dec_patch=(dpt, dpxy, dpxy),
         dec_grid=(T // dpt, H // dpxy, W // dpxy),
     )
+
+
+def query_chunk(cfg: Any) -> int:
+    """config.model.attention_query_chunk (optional, default 1024): queries per chunk for
+    attention_impl='chunked'."""
+    v = cfg.get("attention_query_chunk", 1024) if hasattr(cfg, "get") else getattr(cfg, "attention_query_chunk", 1024)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"config.model.attention_query_chunk must be a positive integer, got {v!r}")
+    return v
 
 
 def compute_dtype(cfg: Any) -> jnp.dtype:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coordtok_jax.models.config import Geometry, compute_dtype, validate
+from coordtok_jax.models.config import Geometry, compute_dtype, query_chunk, validate
 from coordtok_jax.models.decoder import Decoder
 from coordtok_jax.models.encoder import Encoder, learned
 from coordtok_jax.models.layers import Compute
@@ -33,7 +33,7 @@ class CoordTok(nnx.Module):
     def __init__(self, config: Any, *, rngs: nnx.Rngs):
         self.geometry: Geometry = validate(config)
         g = self.geometry
-        compute = Compute(compute_dtype(config), config.attention_impl, config.remat_policy)
+        compute = Compute(compute_dtype(config), config.attention_impl, config.remat_policy, query_chunk(config))
         self.compute = compute
         c = g.channels
         self.weight_tokens_xy = learned(rngs, (1, g.latent_xy, g.latent_xy, c), (None,) * 4)

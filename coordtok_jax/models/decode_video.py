@@ -1,10 +1,18 @@
 """Full-video decoding: query every patch coordinate of the first num_frames frames.
 
-`points_per_call=None` decodes all patches of a video in one joint decoder pass (the paper's
-protocol); otherwise the patches (t-major, then x, then y) are cut into contiguous chunks of
-`points_per_call`, each decoded as one sequence, like the official decode_video's slicing (a
-patch's output depends on the patches decoded with it); a last, shorter chunk decodes the
-remainder, which the official leaves at zero. Pure and jit-compatible (chunks run in lax.map).
+Two modes:
+* `all` (default): every patch of a video in one joint decoder pass (the paper's protocol:
+  32,768 points for 128x128x128). Attention over that many points needs a memory-efficient
+  kernel: cuDNN flash attention on GPUs (`config.model.attention_impl='cudnn'`, bf16) or
+  `attention_impl='chunked'` anywhere (queries in chunks; see models/layers.py).
+* `chunks`: the patches (t-major, then x, then y) cut into contiguous chunks of
+  `points_per_call`, each decoded as one sequence, like the official decode_video's slicing (a
+  patch's output depends on the patches decoded with it); a last, shorter chunk decodes the
+  remainder, which the official leaves at zero.
+
+Pure and jit-compatible (chunks run in lax.map); batched over videos, so under jit with planes
+sharded over the mesh's batch axis the videos are decoded on their devices. No Python loop
+over patches.
 """
 
 from __future__ import annotations
@@ -17,8 +25,24 @@ import jax.numpy as jnp
 from coordtok_jax.models.patches import grid_indices, indices_to_coords, patches_to_video
 
 
-def decode_video(model, planes, num_frames: Optional[int] = None, points_per_call: Optional[int] = None) -> jax.Array:
-    """planes of B videos -> (B, num_frames, H, W, 3) float32 in model output space ([-1, 1])."""
+MODES = ("all", "chunks")
+
+
+def decode_video(model, planes, num_frames: Optional[int] = None, points_per_call: Optional[int] = None,
+                 *, mode: Optional[str] = None) -> jax.Array:
+    """planes of B videos -> (B, num_frames, H, W, 3) float32 in model output space ([-1, 1]).
+
+    mode 'all' decodes every patch jointly; 'chunks' needs points_per_call. mode None means
+    'chunks' when points_per_call is given, else 'all'. Any num_frames <= the trained T.
+    """
+    if mode is None:
+        mode = "all" if points_per_call is None else "chunks"
+    if mode not in MODES:
+        raise ValueError(f"decode_video mode must be one of {MODES}, got {mode!r}")
+    if mode == "chunks" and points_per_call is None:
+        raise ValueError("decode_video(mode='chunks') needs points_per_call (the official default: 1024)")
+    if mode == "all":
+        points_per_call = None
     g = model.geometry
     T = g.video_shape[0]
     num_frames = T if num_frames is None else int(num_frames)

@@ -34,6 +34,29 @@ class Compute:
     dtype: jnp.dtype = jnp.float32
     attention_impl: Optional[str] = None
     remat_policy: str = "none"
+    query_chunk: int = 1024  # for attention_impl='chunked'
+
+
+def attention(q, k, v, *, bias, mask, scale, compute: Compute):
+    """jax.nn.dot_product_attention on (B, N, H, hd) inputs.
+
+    attention_impl 'chunked' is memory-efficient attention for long sequences on backends without
+    a fused kernel (CPU, or GPUs without cuDNN flash attention): queries are processed in chunks
+    of `compute.query_chunk` with lax.map, each against all keys, so the logits held at once are
+    (B, H, chunk, Nk) instead of (B, H, Nq, Nk). Each query's softmax still covers all keys: the
+    result is the same as unchunked attention up to float rounding.
+    """
+    impl = compute.attention_impl
+    c = compute.query_chunk
+    nq = q.shape[1]
+    if impl != "chunked" or nq <= c:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                            implementation=None if impl == "chunked" else impl)
+    n_chunks = -(-nq // c)
+    qp = jnp.pad(q, ((0, 0), (0, n_chunks * c - nq), (0, 0), (0, 0)))
+    chunks = qp.reshape((q.shape[0], n_chunks, c) + q.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v, bias=bias, mask=mask, scale=scale), chunks)
+    return out.swapaxes(0, 1).reshape(qp.shape)[:, :nq]
 
 
 def named(init: Callable, axes: Sequence[Optional[str]]) -> Callable:
@@ -163,14 +186,14 @@ class Attention(nnx.Module):
             q = self._project(x, 0, d)
             k, v = jnp.split(self._project(memory, d, 3 * d), 2, axis=-1)
         split = lambda t: t.reshape(t.shape[:-1] + (h, d // h))
-        out = jax.nn.dot_product_attention(
+        out = attention(
             split(q),
             split(k),
             split(v),
             bias=None if bias is None else bias.astype(q.dtype),
             mask=mask,
             scale=(d // h) ** -0.5,
-            implementation=self.compute.attention_impl,
+            compute=self.compute,
         )
         return self.proj(out.reshape(out.shape[:-2] + (d,)))
 

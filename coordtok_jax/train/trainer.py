@@ -33,9 +33,9 @@ from ml_collections import config_flags
 
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.pipeline import make_dataset
-from coordtok_jax.data.sources import SyntheticSource, make_source
+from coordtok_jax.data.sources import make_source
 from coordtok_jax.data.video import to_model_input
-from coordtok_jax.metrics import video_psnr
+from coordtok_jax.evaluate.metrics import video_psnr
 from coordtok_jax.models import ConfigError, validate
 from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.train import flops as flops_lib
@@ -125,11 +125,7 @@ def _every(step: int, period: int) -> bool:
 
 def _eval_clips(config, shape):
     """Held-out clips: the eval split of the source (synthetic: another seed), first eval_videos."""
-    data = config.data
-    if data.source == "synthetic":
-        source = SyntheticSource(shape, max(1, config.eval_videos), data.synthetic_seed + 1, data.min_frames)
-    else:
-        source = make_source(data, shape, train=False)
+    source = make_source(config.data, shape, train=False)
     clips = [source.load(i, np.random.default_rng(i)) for i in range(min(config.eval_videos, len(source)))]
     return np.stack([c["video"] for c in clips]), np.array([c["n_frames"] for c in clips], np.int32)
 

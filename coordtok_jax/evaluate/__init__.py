@@ -1,0 +1,1 @@
+"""Evaluation: metrics (PSNR, SSIM, LPIPS), I3D features and FVD, CLIs."""
