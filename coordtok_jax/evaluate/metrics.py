@@ -34,7 +34,9 @@ def ssim_per_frame(pred: jax.Array, target: jax.Array, data_range: float = 1.0) 
         raise ValueError(f"SSIM needs two (..., H, W, C) arrays of one shape, got {pred.shape}, {target.shape}")
     if min(pred.shape[-3:-1]) < 11:
         raise ValueError(f"SSIM uses an 11x11 window: frames must be at least 11x11, got {pred.shape[-3:-1]}")
-    return dm_pix.ssim(pred.astype(jnp.float32), target.astype(jnp.float32), max_val=data_range)
+    lead = pred.shape[:-3]
+    flat = lambda v: v.reshape((-1,) + v.shape[-3:]).astype(jnp.float32)  # dm-pix takes (N, H, W, C)
+    return dm_pix.ssim(flat(pred), flat(target), max_val=data_range).reshape(lead)
 
 
 def lpips_per_frame(lpips, pred: jax.Array, target: jax.Array) -> jax.Array:

@@ -1,0 +1,213 @@
+r"""Evaluate a tokenizer checkpoint with the paper's protocol: rFVD, PSNR, SSIM, LPIPS.
+
+    python -m coordtok_jax.evaluate --workdir=DIR [--config=configs/coordtok.py:L] [--step=N]
+        [--num-videos=10000] [--i3d=i3d_pretrained_400.pt] [--mode=all|chunks] [--batch=B]
+
+`num_videos` clips (default 10,000) are drawn at random, with replacement, from the evaluation
+split of `config.data` (random videos, random T-frame windows; shorter videos padded as in
+training). Each clip is encoded and every patch decoded (`--mode=all`: one joint pass, the
+paper's protocol; `--mode=chunks`: the official contiguous slices of `--points_per_call`). PSNR,
+SSIM and LPIPS are computed per frame on [0, 1] frames and averaged over each video's valid
+frames, then over videos. rFVD is the Fréchet distance between I3D logits of the original and the
+reconstructed clips (`--i3d`, the official `i3d_pretrained_400.pt`; reconstructed frames past
+a clip's length are replaced by the original's padding so both sets see the same padding).
+LPIPS needs `config.lpips.vgg_path` / `lin_path`. Metrics without their weights are skipped with
+a note, never faked.
+
+The model config comes from the checkpoint; `--config` (default: the checkpoint's config)
+supplies the data, the LPIPS paths and the mesh. Batches are sharded over all devices (and
+hosts); results go to WORKDIR/eval_STEP.json and eval_STEP.md (or --output_dir).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from coordtok_jax import sharding as sharding_lib
+from coordtok_jax.data.pipeline import make_sampled_dataset
+from coordtok_jax.data.video import to_model_input
+from coordtok_jax.evaluate.fvd import FeatureStats, fvd
+from coordtok_jax.evaluate.loading import load_tokenizer
+from coordtok_jax.evaluate.metrics import frames_in_unit_range, valid_frames, video_metrics
+from coordtok_jax.models.decode_video import decode_video
+
+METRICS = ("psnr", "ssim", "lpips")
+
+
+def _pad_batch(batch: dict, size: int) -> tuple[dict, np.ndarray]:
+    """Pads a (possibly short) last batch to `size` clips; returns it and the valid mask."""
+    n = len(batch["n_frames"])
+    valid = np.arange(size) < n
+    if n == size:
+        return batch, valid
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = np.concatenate([v, np.repeat(v[:1], size - n, axis=0)], axis=0)
+    return out, valid
+
+
+def make_eval_step(graphdef, geometry, *, mode: str, points_per_call: Optional[int], pad_value: float,
+                   lpips_graphdef=None, i3d_graphdef=None):
+    """jit-able (params, lpips_state, i3d_state, video uint8, n_frames) -> per-video metrics."""
+    from coordtok_jax.evaluate.i3d import preprocess
+
+    T = geometry.video_shape[0]
+
+    def step(params, lpips_state, i3d_state, video, n_frames):
+        model = nnx.merge(graphdef, params)
+        planes = model.encode(to_model_input(video, n_frames, pad_value), n_frames)
+        pred = frames_in_unit_range(decode_video(model, planes, T, points_per_call, mode=mode))
+        target = video.astype(jnp.float32) / 255.0
+        lpips = None if lpips_graphdef is None else nnx.merge(lpips_graphdef, lpips_state)
+        out = video_metrics(pred, target, n_frames, lpips)
+        if i3d_graphdef is not None:
+            i3d = nnx.merge(i3d_graphdef, i3d_state)
+            keep = valid_frames(T, n_frames)[:, :, None, None, None]
+            fake = jnp.where(keep, pred * 255.0, video.astype(jnp.float32))
+            out["i3d_real"] = i3d(preprocess(video))
+            out["i3d_fake"] = i3d(preprocess(fake))
+        return out
+
+    return step
+
+
+def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_videos: int = 10_000,
+             batch: int = 0, mode: str = "all", points_per_call: Optional[int] = None,
+             i3d_path: Optional[str] = None, seed: int = 0, attention_impl: Optional[str] = None,
+             output_dir: Optional[str] = None, progress: bool = True) -> dict:
+    """Runs the evaluation and writes eval_STEP.json / .md; returns the results dict."""
+    t0 = time.perf_counter()
+    devices = jax.devices()
+    mesh = sharding_lib.make_mesh((len(devices),), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sh = NamedSharding(mesh, P("data"))
+    overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
+    model, ckpt_config, step = load_tokenizer(workdir, step, sharding=replicated, **overrides)
+    config = ckpt_config if config is None else config
+    geometry = model.geometry
+    T, H, W = geometry.video_shape
+    if mode == "chunks" and not points_per_call:
+        points_per_call = int(config.get("eval_points_per_call") or config.get("num_points") or 1024)
+    batch = int(batch) or len(devices)
+    if batch % len(devices):
+        raise ValueError(f"--batch={batch} must be a multiple of the {len(devices)} devices")
+    if batch % jax.process_count():
+        raise ValueError(f"--batch={batch} must be a multiple of the {jax.process_count()} processes")
+    local_batch = batch // jax.process_count()
+    notes = []
+
+    lpips_graphdef = lpips_state = None
+    vgg, lin = config.get("lpips", {}).get("vgg_path"), config.get("lpips", {}).get("lin_path")
+    if vgg and lin:
+        from coordtok_jax.models.lpips import load_lpips
+
+        lpips_graphdef, lpips_state = nnx.split(load_lpips(vgg, lin))
+        lpips_state = jax.device_put(lpips_state, replicated)
+    else:
+        notes.append("LPIPS skipped: set config.lpips.vgg_path and config.lpips.lin_path")
+    i3d_graphdef = i3d_state = None
+    if i3d_path:
+        from coordtok_jax.evaluate.i3d import MIN_FRAMES, load_i3d
+
+        if T < MIN_FRAMES:
+            raise ValueError(f"I3D needs clips of at least {MIN_FRAMES} frames, this model's are {T}")
+        i3d_graphdef, i3d_state = nnx.split(load_i3d(i3d_path))
+        i3d_state = jax.device_put(i3d_state, replicated)
+    else:
+        notes.append("rFVD skipped: pass --i3d=i3d_pretrained_400.pt")
+
+    graphdef, params = nnx.split(model)
+    step_fn = make_eval_step(graphdef, geometry, mode=mode, points_per_call=points_per_call,
+                             pad_value=float(config.data.get("pad_value", -3.0)),
+                             lpips_graphdef=lpips_graphdef, i3d_graphdef=i3d_graphdef)
+    eval_step = jax.jit(step_fn, in_shardings=(replicated, replicated, replicated, batch_sh, batch_sh))
+
+    dataset = make_sampled_dataset(config.data, (T, H, W), num_videos, local_batch, seed=seed)
+    per_host = -(-num_videos // jax.process_count())
+    num_batches = math.ceil(per_host / local_batch)
+    values = {k: [] for k in METRICS}
+    real, fake = FeatureStats(), FeatureStats()
+    failures = 0
+    bar = tqdm(total=per_host * jax.process_count(), unit="video", desc=f"eval step {step}",
+               disable=not progress or jax.process_index() != 0)
+    for local in dataset:
+        local, valid = _pad_batch(local, local_batch)
+        failures += int(np.sum(np.asarray(local["decode_failures"])[valid]))
+        arrays = [jax.make_array_from_process_local_data(batch_sh, np.asarray(local[k])) for k in ("video", "n_frames")]
+        out = eval_step(params, lpips_state, i3d_state, *arrays)
+        out = multihost_utils.process_allgather(out, tiled=True)
+        keep = multihost_utils.process_allgather(valid, tiled=False).reshape(-1)
+        for k in METRICS:
+            if k in out:
+                values[k].append(np.asarray(out[k])[keep])
+        if "i3d_real" in out:
+            real.update(np.asarray(out["i3d_real"])[keep])
+            fake.update(np.asarray(out["i3d_fake"])[keep])
+        bar.update(int(keep.sum()))
+        if values["psnr"]:
+            bar.set_postfix(psnr=f"{np.concatenate(values['psnr']).mean():.2f}")
+    bar.close()
+
+    results = {
+        "step": int(step),
+        "workdir": str(workdir),
+        "num_videos": int(sum(len(v) for v in values["psnr"])),
+        "tokens_per_video": int(geometry.num_latent_tokens),
+        "video_shape": [T, H, W],
+        "mode": mode,
+        "points_per_call": points_per_call if mode == "chunks" else None,
+        "data_source": str(config.data.source),
+        "skipped_files": failures,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "notes": notes,
+    }
+    for k in METRICS:
+        if values[k]:
+            v = np.concatenate(values[k]).astype(np.float64)
+            results[k] = float(v.mean())
+            results[f"{k}_std"] = float(v.std())
+    if real.count >= 2:
+        results["rfvd"] = fvd(real, fake)
+    elif i3d_path:
+        notes.append("rFVD needs at least 2 videos")
+    if jax.process_index() == 0:
+        write_results(results, output_dir or workdir)
+    return results
+
+
+def markdown(results: dict) -> str:
+    fmt = lambda k, spec: format(results[k], spec) if k in results else "n/a"
+    lines = [
+        f"# CoordTok evaluation, step {results['step']}",
+        "",
+        f"{results['num_videos']} random {results['video_shape'][0]}-frame clips of {results['data_source']}, "
+        f"decode mode `{results['mode']}`" + (f" ({results['points_per_call']} points per call)"
+                                                 if results.get("points_per_call") else ""),
+        "",
+        "| rFVD | PSNR | SSIM | LPIPS | tokens per video |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {fmt('rfvd', '.1f')} | {fmt('psnr', '.2f')} | {fmt('ssim', '.4f')} | {fmt('lpips', '.4f')} | "
+        f"{results['tokens_per_video']} |",
+    ]
+    lines += [""] + [f"- {n}" for n in results["notes"]] if results["notes"] else []
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, directory: str) -> None:
+    d = epath.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"eval_{results['step']}.json").write_text(json.dumps(results, indent=2))
+    (d / f"eval_{results['step']}.md").write_text(markdown(results))
