@@ -59,6 +59,8 @@ setup(
             "coordtok-prepare=coordtok_jax.data.prepare:run",
             "coordtok-train=coordtok_jax.train.trainer:run",
             "coordtok-convert=coordtok_jax.convert.cli:run",
+            "coordtok-evaluate=coordtok_jax.evaluate.__main__:run",
+            "coordtok-reconstruct=coordtok_jax.reconstruct:run",
         ],
     },
     license="MIT",

@@ -210,6 +210,10 @@ def main(argv):
         print(f"wrote {path}")
 
 
-if __name__ == "__main__":
+def run():
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

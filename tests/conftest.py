@@ -4,7 +4,11 @@ import os
 import pathlib
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# 8 simulated devices; LLVM -O0 halves XLA:CPU compile time, which dominates these tiny-model
+# tests (floating-point semantics are the same: XLA:CPU does not enable fast-math either way).
+# Subprocesses (trainer CLI tests) inherit both through the environment.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -12,14 +16,7 @@ sys.path.insert(0, str(ROOT / "configs"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
-
-# Orbax's replica-parallel saving slices every replicated array per replica with eager ops, each
-# compiled on first use: ~10 s of compilation for a first save on 8 simulated devices. In-process
-# tests save whole arrays instead (same files and values); trainer subprocesses keep the default.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 REFERENCE = ROOT.parent / "shared" / "reference"
 

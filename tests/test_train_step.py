@@ -112,7 +112,8 @@ def test_meshes_give_the_same_training(devices):
     batches = [{"video": rng.integers(0, 256, size=(8, 8, 16, 16, 3), dtype=np.uint8),
                 "n_frames": rng.integers(4, 9, size=(8,)).astype(np.int32)} for _ in range(3)]
     results = {}
-    for shape in [(8, 1), (4, 2), (1, 8), (1, 1)]:
+    # pure data parallel (8, 1) is what every trainer test runs; here: hybrid, full FSDP, one device
+    for shape in [(4, 2), (1, 8), (1, 1)]:
         devs = devices if np.prod(shape) == 8 else devices[:1]
         mesh = sharding_lib.make_mesh(shape, ("data", "fsdp"), devices=devs)
         results[shape] = _run_steps(config, mesh, batches, 3)

@@ -51,6 +51,10 @@ def main(argv):
     print(f"wrote {FLAGS.output_dir or FLAGS.workdir}/eval_{results['step']}.json")
 
 
-if __name__ == "__main__":
+def run():
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()
