@@ -105,7 +105,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "coordtok_jax.train", "--config=configs/coordtok.py:tiny", f"--workdir={tmp_path}",

@@ -22,7 +22,6 @@ hosts); results go to WORKDIR/eval_STEP.json and eval_STEP.md (or --output_dir).
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Optional
 
@@ -87,11 +86,14 @@ def make_eval_step(graphdef, geometry, *, mode: str, points_per_call: Optional[i
 def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_videos: int = 10_000,
              batch: int = 0, mode: str = "all", points_per_call: Optional[int] = None,
              i3d_path: Optional[str] = None, seed: int = 0, attention_impl: Optional[str] = None,
-             output_dir: Optional[str] = None, progress: bool = True) -> dict:
-    """Runs the evaluation and writes eval_STEP.json / .md; returns the results dict."""
+             output_dir: Optional[str] = None, progress: bool = True, devices=None) -> dict:
+    """Runs the evaluation and writes eval_STEP.json / .md; returns the results dict.
+
+    `devices` (default: all) are the devices the batch is sharded over.
+    """
     t0 = time.perf_counter()
-    devices = jax.devices()
-    mesh = sharding_lib.make_mesh((len(devices),), ("data",))
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = sharding_lib.make_mesh((len(devices),), ("data",), devices=devices)
     replicated = NamedSharding(mesh, P())
     batch_sh = NamedSharding(mesh, P("data"))
     overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
@@ -137,7 +139,6 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
 
     dataset = make_sampled_dataset(config.data, (T, H, W), num_videos, local_batch, seed=seed)
     per_host = -(-num_videos // jax.process_count())
-    num_batches = math.ceil(per_host / local_batch)
     values = {k: [] for k in METRICS}
     real, fake = FeatureStats(), FeatureStats()
     failures = 0

@@ -18,9 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +37,13 @@ from coordtok_jax.evaluate.metrics import video_psnr
 from coordtok_jax.models import ConfigError, validate
 from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.train import flops as flops_lib
-from coordtok_jax.train.checkpoint import Checkpointer, config_to_json, is_params_only, restore_params
+from coordtok_jax.train import loop
+from coordtok_jax.train.checkpoint import config_to_json, restore_params
+from coordtok_jax.train.loop import NonFiniteLoss
 from coordtok_jax.train.state import abstract_with_shardings, create_train_state, make_optimizer
 from coordtok_jax.train.step import make_train_step
 
 FLAGS = flags.FLAGS
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def define_flags():
@@ -107,22 +103,6 @@ def validate_training_config(config) -> None:
             "layers (vgg.pth), or --config.lpips_weight=0")
 
 
-def _refuse_params_only(workdir: epath.Path) -> None:
-    """A workdir written by `convert torch-import` holds parameters only: it starts runs, it is not one."""
-    try:
-        params_only = is_params_only(str(workdir))
-    except FileNotFoundError:  # no checkpoint yet
-        return
-    if params_only:
-        raise ConfigError(
-            f"{workdir}/checkpoints holds parameters only (written by `coordtok_jax.convert torch-import`), "
-            f"not a run to resume: start from it with --config.init_from={workdir} and a new --workdir")
-
-
-def _every(step: int, period: int) -> bool:
-    return period > 0 and step % period == 0
-
-
 def _eval_clips(config, shape):
     """Held-out clips: the eval split of the source (synthetic: another seed), first eval_videos."""
     source = make_source(config.data, shape, train=False)
@@ -140,7 +120,7 @@ def train(config, workdir: str) -> dict:
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
-    _refuse_params_only(workdir)
+    loop.refuse_params_only(workdir)
     logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
 
     # --- mesh -------------------------------------------------------------------------------
@@ -169,19 +149,13 @@ def train(config, workdir: str) -> dict:
     train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
                          out_shardings=(state_sh, replicated), donate_argnums=0)
 
-    # --- checkpoint / resume ----------------------------------------------------------------
-    ckpt = Checkpointer(str(workdir), config.keep_last, config.keep_every)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, abstract_with_shardings(state, state_sh), data_iter)
-        if is_main:
-            print(f"resumed from {workdir}/checkpoints/{start}")
-    elif config.init_from:
-        params, from_step = restore_params(config.init_from, abstract_with_shardings(state.params, state_sh.params))
-        state = state.replace(params=params)  # fresh optimizer (official stage 2)
+    def init(fresh):  # no checkpoint in workdir yet: optionally start from another run's parameters
+        if not config.init_from:
+            return fresh
+        params, from_step = restore_params(config.init_from, abstract_with_shardings(fresh.params, state_sh.params))
         if is_main:
             print(f"initialised parameters from {config.init_from} (step {from_step}); fresh optimizer")
-    first_step = int(state.step)
+        return fresh.replace(params=params)  # fresh optimizer (official stage 2)
 
     # --- evaluation -------------------------------------------------------------------------
     eval_frames, eval_n = _eval_clips(config, geometry.video_shape) if config.eval_videos > 0 else (None, None)
@@ -194,104 +168,27 @@ def train(config, workdir: str) -> dict:
 
     eval_fn = jax.jit(_eval, out_shardings=replicated)
 
-    def evaluate(step):
+    def evaluate(step, state):
         recon = np.asarray(eval_fn(state.params, eval_frames, eval_n))
         target = eval_frames.astype(np.float32) / 255.0
-        psnr = np.asarray(video_psnr(recon, target, eval_n))
+        psnr = float(np.asarray(video_psnr(recon, target, eval_n)).mean())
         if is_main:
             from coordtok_jax.data.video_io import write_video
 
             side = np.concatenate([eval_frames, (recon * 255 + 0.5).astype(np.uint8)], axis=3)  # (B, T, H, 2W, 3)
             grid = np.concatenate(list(side), axis=1)  # videos stacked vertically
             write_video(workdir / "samples" / f"step_{step:08d}.mp4", grid)
-        return float(psnr.mean())
+            print(f"step {step}: eval PSNR {psnr:.2f} dB on {len(eval_n)} held-out clips")
+        return {"psnr": psnr}
 
-    # --- logging ----------------------------------------------------------------------------
-    writer = None
-    if is_main:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(workdir / "tb"))
-    flops_per_step = flops_lib.train_flops_per_step(config)
-    peak = flops_lib.peak_flops(jax.devices()[0], config.peak_flops_per_device)
-
-    def check_finite(where):
-        bad = int(state.first_nonfinite)
-        if bad >= 0:
-            raise NonFiniteLoss(f"non-finite loss at step {bad + 1} ({where}); nothing past step {bad} was saved")
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        del frame
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    # --- loop -------------------------------------------------------------------------------
-    from tqdm import tqdm
-
-    bar = tqdm(total=config.total_steps, initial=first_step, unit="step", dynamic_ncols=True, disable=not is_main,
-               file=sys.stdout, mininterval=1.0)
-    summary = {"first_step": first_step}
-    t_log, steps_since = time.perf_counter(), 0
-    failures = jnp.zeros((), jnp.int32)  # skipped bad files, summed on device (no per-step sync)
-    step = first_step
-    try:
-        while step < config.total_steps:
-            local = next(data_iter)
-            batch = {k: jax.make_array_from_process_local_data(batch_sh[k], local[k]) for k in batch_sh}
-            state, metrics = train_step(state, batch, lpips_state)
-            failures = failures + metrics["decode_failures"]
-            step += 1
-            steps_since += 1
-            bar.update(1)
-            if step == first_step + 1:  # do not count compilation in videos/s
-                jax.block_until_ready(state.step)
-                t_log, steps_since = time.perf_counter(), 0
-
-            if step % config.log_every == 0 or step == config.total_steps:
-                metrics = jax.device_get(metrics)
-                check_finite("log")
-                dt = (time.perf_counter() - t_log) / max(steps_since, 1)
-                scalars = {k: float(v) for k, v in metrics.items() if k != "decode_failures"}
-                scalars.update(step_time=dt, videos_per_s=config.batch_size / dt, skipped_files=int(failures))
-                if peak:
-                    scalars["mfu"] = flops_per_step / dt / (peak * jax.device_count())
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}", vid_s=f"{scalars['videos_per_s']:.1f}")
-                if writer:
-                    for k, v in scalars.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                summary["loss"] = scalars["loss"]
-                t_log, steps_since = time.perf_counter(), 0
-
-            if config.eval_videos > 0 and (_every(step, config.eval_every) or step == config.total_steps):
-                check_finite("eval")
-                psnr = evaluate(step)
-                summary["eval_psnr"] = psnr
-                if writer:
-                    writer.add_scalar("eval/psnr", psnr, step)
-                bar.write(f"step {step}: eval PSNR {psnr:.2f} dB on {len(eval_n)} held-out clips")
-
-            if _every(step, config.save_every) or step == config.total_steps or stop["signal"]:
-                check_finite("save")
-                ckpt.save(step, state, data_iter, config, force=True)
-
-            if config.debug.kill_at_step and step == config.debug.kill_at_step:
-                ckpt.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop["signal"]:
-                bar.write(f"received signal {stop['signal']}: saved step {step}, exiting")
-                break
-    finally:
-        bar.close()
-        ckpt.close()
-        if writer:
-            writer.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
-    summary.update(last_step=step, params=state.params, state=state)
-    return summary
+    # --- loop (checkpoints, resume, logging, signals: train/loop.py) ------------------------
+    task = loop.Task(
+        state=state, state_sharding=state_sh, step=lambda s, b: train_step(s, b, lpips_state),
+        data_iter=data_iter,
+        global_batch=lambda local: {k: jax.make_array_from_process_local_data(batch_sh[k], local[k]) for k in batch_sh},
+        items_per_step=config.batch_size, flops_per_step=flops_lib.train_flops_per_step(config), init=init,
+        evaluate=evaluate if config.eval_videos > 0 else None)
+    return loop.run(config, workdir, task, peak_flops=flops_lib.peak_flops(jax.devices()[0], config.peak_flops_per_device))
 
 
 def main(argv):

@@ -1,0 +1,174 @@
+"""The training loop shared by the tokenizer and SiT trainers: resume, steps, logging, evals,
+checkpoints, signals, the NaN guard.
+
+A trainer builds a `Task` (its state already sharded, its jitted step, its input iterator and
+how to turn a host batch into global arrays) and calls `run(config, workdir, task)`:
+
+* resume: the latest checkpoint of WORKDIR/checkpoints (state + grain iterator) if any, else
+  `task.init` (e.g. parameters from config.init_from), else the fresh state;
+* every step: `state, metrics = task.step(state, task.global_batch(next(data_iter)))`;
+* every `log_every`: scalars to TensorBoard and the progress bar (loss, items/s, step time,
+  skipped files, MFU when the device's peak is known);
+* every `eval_every` (and at the end): `task.evaluate(step, state)` -> scalars;
+* every `save_every`, at the end and on SIGTERM/SIGINT: an Orbax save of state, iterator and
+  config; a non-finite loss (recorded on device in state.first_nonfinite) stops the run with
+  the step number before anything past it is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+from coordtok_jax.models import ConfigError
+from coordtok_jax.train.checkpoint import Checkpointer, is_params_only
+from coordtok_jax.train.state import abstract_with_shardings
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Task:
+    """What a trainer hands to `run`."""
+
+    state: Any  # a TrainState-like flax struct with .step and .first_nonfinite, already sharded
+    state_sharding: Any
+    step: Callable  # jitted (state, global batch) -> (state, metrics dict of scalars)
+    data_iter: Iterator  # grain iterator (checkpointable) of host-local batches
+    global_batch: Callable[[dict], dict]  # host batch -> global jax arrays
+    items_per_step: int  # e.g. videos per step, for throughput
+    item_name: str = "videos"
+    flops_per_step: float = 0.0
+    init: Optional[Callable[[Any], Any]] = None  # fresh state -> initial state (no checkpoint yet)
+    evaluate: Optional[Callable[[int, Any], dict]] = None  # (step, state) -> scalars
+    counters: tuple = ("decode_failures",)  # metrics summed over steps instead of logged as is
+
+
+def refuse_params_only(workdir: epath.Path) -> None:
+    """A workdir written by `convert torch-import` holds parameters only: it starts runs, it is not one."""
+    try:
+        params_only = is_params_only(str(workdir))
+    except FileNotFoundError:  # no checkpoint yet
+        return
+    if params_only:
+        raise ConfigError(
+            f"{workdir}/checkpoints holds parameters only (written by `coordtok_jax.convert torch-import`), "
+            f"not a run to resume: start from it with --config.init_from={workdir} and a new --workdir")
+
+
+def every(step: int, period: int) -> bool:
+    return period > 0 and step % period == 0
+
+
+def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] = None) -> dict:
+    """Trains until config.total_steps (or a signal); returns a summary dict."""
+    is_main = jax.process_index() == 0
+    state = task.state
+
+    # --- checkpoint / resume ----------------------------------------------------------------
+    ckpt = Checkpointer(str(workdir), config.keep_last, config.keep_every)
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, abstract_with_shardings(state, task.state_sharding), task.data_iter)
+        if is_main:
+            print(f"resumed from {workdir}/checkpoints/{start}")
+    elif task.init is not None:
+        state = task.init(state)
+    first_step = int(state.step)
+
+    # --- logging ----------------------------------------------------------------------------
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(workdir / "tb"))
+
+    def check_finite(where):
+        bad = int(state.first_nonfinite)
+        if bad >= 0:
+            raise NonFiniteLoss(f"non-finite loss at step {bad + 1} ({where}); nothing past step {bad} was saved")
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        del frame
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # --- loop -------------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.total_steps, initial=first_step, unit="step", dynamic_ncols=True, disable=not is_main,
+               file=sys.stdout, mininterval=1.0)
+    summary = {"first_step": first_step}
+    t_log, steps_since = time.perf_counter(), 0
+    counters = {k: jnp.zeros((), jnp.int32) for k in task.counters}  # summed on device (no per-step sync)
+    rate_key = f"{task.item_name}_per_s"
+    step = first_step
+    try:
+        while step < config.total_steps:
+            state, metrics = task.step(state, task.global_batch(next(task.data_iter)))
+            for k in counters:
+                if k in metrics:
+                    counters[k] = counters[k] + metrics[k]
+            step += 1
+            steps_since += 1
+            bar.update(1)
+            if step == first_step + 1:  # do not count compilation in the throughput
+                jax.block_until_ready(state.step)
+                t_log, steps_since = time.perf_counter(), 0
+
+            if every(step, config.log_every) or step == config.total_steps:
+                metrics = jax.device_get(metrics)
+                check_finite("log")
+                dt = (time.perf_counter() - t_log) / max(steps_since, 1)
+                scalars = {k: float(v) for k, v in metrics.items() if k not in counters}
+                scalars.update(step_time=dt, **{rate_key: task.items_per_step / dt})
+                if "decode_failures" in counters:
+                    scalars["skipped_files"] = int(counters["decode_failures"])
+                if peak_flops and task.flops_per_step:
+                    scalars["mfu"] = task.flops_per_step / dt / (peak_flops * jax.device_count())
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", **{rate_key[:3] + "_s": f"{scalars[rate_key]:.1f}"})
+                if writer:
+                    for k, v in scalars.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                summary["loss"] = scalars["loss"]
+                t_log, steps_since = time.perf_counter(), 0
+
+            if task.evaluate is not None and (every(step, config.eval_every) or step == config.total_steps):
+                check_finite("eval")
+                for k, v in task.evaluate(step, state).items():
+                    summary[f"eval_{k}"] = v
+                    if writer:
+                        writer.add_scalar(f"eval/{k}", v, step)
+
+            if every(step, config.save_every) or step == config.total_steps or stop["signal"]:
+                check_finite("save")
+                ckpt.save(step, state, task.data_iter, config, force=True)
+
+            if config.debug.kill_at_step and step == config.debug.kill_at_step:
+                ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop["signal"]:
+                bar.write(f"received signal {stop['signal']}: saved step {step}, exiting")
+                break
+    finally:
+        bar.close()
+        ckpt.close()
+        if writer:
+            writer.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    summary.update(last_step=step, params=state.params, state=state)
+    return summary
