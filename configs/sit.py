@@ -1,0 +1,139 @@
+r"""Triplane SiT configurations (latent diffusion on CoordTok planes).
+
+    --config=configs/sit.py:ARG   with ARG in {S/2, B/2, L/2, XL/2, tiny}
+    --config.tokenizer=/path/to/tokenizer/workdir
+
+* `L/2`: the released CoordTok-SiT-L/2 (official train_sit.py / sample_sit.py defaults): depth 24,
+  width 1024, 16 heads, patch 2, on the released tokenizer's planes xy 16x16x8, yt / xt 32x16x8
+  (official `input_size=[32, 16]` = [latent_resolution_t, latent_resolution_xy]); unconditional
+  (num_classes=1, class_dropout_prob=0: no null-class row); learn_sigma=True (the sigma half of
+  the output is discarded). 461,462,720 numbers in the state_dict (incl. the fixed pos_embed_xy).
+* `S/2`, `B/2`, `XL/2`: the standard SiT sizes (12/384/6, 12/768/12, 28/1152/16), same planes.
+* `tiny`: depth 2, width 64, 2 heads on the tiny tokenizer's planes (xy 8x8x8, yt / xt 8x8x8)
+  for CPU tests.
+
+Training follows the official train_sit.py: linear path, velocity prediction, t ~ U[0, 1),
+AdamW lr 1e-4 without weight decay, global batch 64, EMA 0.9999 every step, no clipping,
+600K steps; latents normalised per plane and channel with statistics over 2048 clips.
+Sampling (README): SDE Euler-Maruyama, 250 steps, diffusion form 'sigma', last step 'Mean' 0.04.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+_SIZES = {  # depth, hidden_size, num_heads
+    "S/2": (12, 384, 6),
+    "B/2": (12, 768, 12),
+    "L/2": (24, 1024, 16),
+    "XL/2": (28, 1152, 16),
+    "tiny": (2, 64, 2),
+}
+
+# Logical parameter axes -> mesh axes, as configs/coordtok.py ('embed' sharded over 'fsdp').
+LOGICAL_AXIS_RULES = (
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("qkv", None),
+    ("heads", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def _tokenizer_configs():
+    """configs/coordtok.py, loaded by path (config files are scripts, not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coordtok.py")
+    spec = importlib.util.spec_from_file_location("_coordtok_config_for_sit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+    if size not in _SIZES:
+        raise ValueError(f"unknown SiT size {size!r}; choose one of {list(_SIZES)}")
+    depth, hidden, heads = _SIZES[size]
+    tiny = size == "tiny"
+    m = ml_collections.ConfigDict()
+    m.hidden_size = hidden
+    m.depth = depth
+    m.num_heads = heads
+    m.patch_size = 2
+    m.mlp_ratio = 4.0
+    m.in_channels = 8  # C of the tokenizer planes
+    m.latent_resolution_xy = 8 if tiny else 16  # z_xy (Rxy, Rxy, C)
+    m.latent_resolution_t = 8 if tiny else 32  # z_yt, z_xt (Rt, Rxy, C)
+    m.num_classes = 1  # official: unconditional (every label is 0)
+    m.class_dropout_prob = 0.0  # > 0 adds the null-class row for classifier-free guidance
+    m.learn_sigma = True
+    m.dtype = "float32"  # compute dtype ('bfloat16' on accelerators); parameters stay float32
+    m.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None | xla | cudnn | chunked
+    m.attention_query_chunk = 1024
+    m.remat_policy = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
+    return m
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    size = (arg or "tiny").strip()
+    tiny = size == "tiny"
+    config = ml_collections.ConfigDict()
+    config.size = size
+    config.seed = 0
+    config.model = model_config(size)
+    # The frozen tokenizer: a CoordTok workdir (or checkpoint folder) whose planes match
+    # config.model (in_channels, latent_resolution_xy / _t).
+    config.tokenizer = ml_collections.FieldReference(None, field_type=str)
+    config.data = _tokenizer_configs().data_config()
+    if tiny:
+        config.data.min_frames = 9
+
+    config.batch_size = 8 if tiny else 64  # global
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-4
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.eps = 1e-8
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.warmup_steps = 0
+    config.optimizer.grad_clip_norm = 0.0  # 0 = none (official)
+    config.ema_decay = 0.9999  # every step, EMA initialised to the model; sampling uses the EMA
+
+    config.transport = ml_collections.ConfigDict()
+    config.transport.path = "Linear"  # x_t = t x1 + (1 - t) x0, x1 = data, x0 ~ N(0, I)
+    config.transport.prediction = "velocity"
+    config.transport.loss_weight = ml_collections.FieldReference(None, field_type=str)
+    config.transport.train_eps = 0.0
+    config.transport.sample_eps = 0.0
+
+    config.sampler = ml_collections.ConfigDict()
+    config.sampler.mode = "sde"  # official README: SDE, Euler-Maruyama
+    config.sampler.num_steps = 20 if tiny else 250
+    config.sampler.diffusion_form = "sigma"
+    config.sampler.diffusion_norm = 1.0
+    config.sampler.last_step = "Mean"
+    config.sampler.last_step_size = 0.04
+    config.sampler.cfg_scale = 1.0  # > 1 needs a class-conditional model (class_dropout_prob > 0)
+
+    # Latent normalisation statistics (per plane and channel), recomputed from this many clips.
+    config.stats_num_clips = 16 if tiny else 2048
+
+    config.total_steps = 100 if tiny else 600_000
+    config.log_every = 10 if tiny else 100
+    config.save_every = 50 if tiny else 10_000
+    config.keep_last = 3
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1)  # (data, fsdp); one entry may be -1 = fill with the remaining devices
+    config.mesh.axes = ("data", "fsdp")
+    config.logical_axis_rules = LOGICAL_AXIS_RULES
+    config.distributed = "auto"
+    return config
+
+
+def validate(config: ml_collections.ConfigDict):
+    """Raises coordtok_jax.models.ConfigError naming the field when the model cannot work."""
+    from coordtok_jax.models.sit import validate_sit
+
+    return validate_sit(config.model)
