@@ -1,0 +1,1 @@
+"""Flow-matching transport (SiT interpolants, losses) and SDE/ODE samplers over pytrees."""
