@@ -30,6 +30,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls after the compiling o
 _PPC = flags.DEFINE_integer("points_per_call", 1024, "Patches per call in 'chunks' mode.")
 _MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Compile and report memory; do not run.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_IMPLS = flags.DEFINE_list("attention", ["xla", "chunked"], "Attention for mode 'all': xla, chunked, cudnn (GPU).")
 
 
 def model_config(name):
@@ -58,7 +59,8 @@ def main(argv):
     print("| config | patches/video | mode | attention | compile s | decode ms (median) | patches/s | temp memory GiB |")
     print("|---|---:|---|---|---:|---:|---:|---:|")
     for name in _SIZES.value:
-        for mode, impl in (("all", None), ("all", "chunked"), ("chunks", None)):
+        runs = [("all", None if a == "xla" else a) for a in _IMPLS.value] + [("chunks", None)]
+        for mode, impl in runs:
             cfg = model_config(name)
             cfg.attention_impl = impl
             abstract = nnx.eval_shape(lambda: CoordTok(cfg, rngs=nnx.Rngs(0)))
