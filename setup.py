@@ -61,6 +61,8 @@ setup(
             "coordtok-convert=coordtok_jax.convert.cli:run",
             "coordtok-evaluate=coordtok_jax.evaluate.__main__:run",
             "coordtok-reconstruct=coordtok_jax.reconstruct:run",
+            "coordtok-train-sit=coordtok_jax.train_sit:run",
+            "coordtok-sample=coordtok_jax.sample:run",
         ],
     },
     license="MIT",

@@ -123,6 +123,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.log_every = 10 if tiny else 100
     config.save_every = 50 if tiny else 10_000
     config.keep_last = 3
+    config.keep_every = 0  # also keep every N-th step's checkpoint (0 = off)
+    config.eval_every = 0  # no in-loop evaluation yet (sampling + gFVD: coordtok_jax.sample, to come)
+    config.debug = ml_collections.ConfigDict()
+    config.debug.kill_at_step = 0  # tests: SIGKILL after saving this step
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1)  # (data, fsdp); one entry may be -1 = fill with the remaining devices

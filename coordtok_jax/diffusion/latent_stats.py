@@ -95,14 +95,12 @@ class LatentStats:
 
 def normalize(planes, mean, std, eps: float = 1e-6):
     """(z - mean) / std per plane and channel; mean/std (3, C). Works on NumPy or jax arrays."""
-    return tuple((z - np.asarray(mean[k], np.float32)) / (np.asarray(std[k], np.float32) + eps)
-                 for k, z in enumerate(planes))
+    return tuple((z - mean[k]) / (std[k] + eps) for k, z in enumerate(planes))
 
 
 def denormalize(planes, mean, std, eps: float = 1e-6):
     """Inverse of `normalize` (after sampling, before decoding)."""
-    return tuple(z * (np.asarray(std[k], np.float32) + eps) + np.asarray(mean[k], np.float32)
-                 for k, z in enumerate(planes))
+    return tuple(z * (std[k] + eps) + mean[k] for k, z in enumerate(planes))
 
 
 def compute_latent_stats(encode_fn, batches: Iterable, num_clips: int, channels: int, *,

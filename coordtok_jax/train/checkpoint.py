@@ -145,23 +145,28 @@ def save_params(workdir: str, params, config, step: int = 0) -> epath.Path:
     return directory / str(step)
 
 
-def restore_params(path: str, abstract_params, step: Optional[int] = None) -> Any:
-    """Model parameters from a checkpoint written by this trainer (or by convert torch-import).
+def restore_partial(path: str, item: dict, step: Optional[int] = None) -> tuple[dict, int]:
+    """Restores the entries of `item` (a dict of abstract arrays with shardings, a subset of the
+    saved `state`, e.g. {'params': ...} or {'ema': ..., 'latent_mean': ...}) from a checkpoint.
 
-    `path` is a workdir (its latest checkpoint, or `step`), a workdir's `checkpoints` folder,
-    or one step folder `.../checkpoints/STEP`. Only `state.params` is read, into
-    abstract_params' shardings. Returns (params, step).
+    `path` is a workdir (its latest checkpoint, or `step`), a workdir's `checkpoints` folder, or
+    one step folder `.../checkpoints/STEP`. Returns (restored dict, step).
     """
     try:
         directory, step = resolve_step(path, step)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path!r}: {e}") from None
     manager = ocp.CheckpointManager(directory, item_names=("state",), options=ocp.CheckpointManagerOptions(read_only=True))
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), item)
     restored = manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True)),
-    )
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)))
     manager.close()
-    return restored["state"]["params"], step
+    return restored["state"], step
+
+
+def restore_params(path: str, abstract_params, step: Optional[int] = None) -> Any:
+    """Model parameters from a checkpoint written by this trainer (or by convert torch-import):
+    only `state.params`, into abstract_params' shardings. Returns (params, step)."""
+    restored, step = restore_partial(path, {"params": abstract_params}, step)
+    return restored["params"], step
