@@ -77,13 +77,24 @@ def tokenizer_dir(tmp_path_factory):
     return workdir
 
 
-def test_train_sit_end_to_end_with_stats_and_resume(tokenizer_dir, tmp_path):
+@pytest.fixture(scope="module")
+def sit_run(tokenizer_dir, tmp_path_factory):
+    """train_sit for 4 steps, then resumed to 6: (workdir, config, first summary, resumed summary)."""
+    tmp_path = tmp_path_factory.mktemp("sit_run")
     config = _tiny_sit_config(tokenizer=str(tokenizer_dir), total_steps=4, log_every=2, save_every=2)
     with config.unlocked():
         config.mesh.shape = (-1, 1)  # data parallel over the 8 simulated devices
         config.batch_size = 8
         config.stats_num_clips = 12  # -> 2 whole batches of 8
     out = train_sit(config, str(tmp_path))
+    with config.unlocked():
+        config.total_steps = 6
+    resumed = train_sit(config, str(tmp_path))
+    return tmp_path, config, out, resumed
+
+
+def test_train_sit_end_to_end_with_stats_resume_and_sampling(sit_run):
+    tmp_path, config, out, resumed = sit_run
     assert out["last_step"] == 4 and np.isfinite(out["loss"])
     saved = json.loads((tmp_path / "latent_stats.json").read_text())
     np.testing.assert_allclose(np.asarray(out["state"].latent_mean), saved["mean"], rtol=1e-6)
@@ -91,9 +102,6 @@ def test_train_sit_end_to_end_with_stats_and_resume(tokenizer_dir, tmp_path):
     assert saved["count"][0] == 16 * 8 * 8  # 16 clips x the 8x8 xy plane
     assert np.all(np.asarray(saved["std"]) > 0)
 
-    with config.unlocked():
-        config.total_steps = 6
-    resumed = train_sit(config, str(tmp_path))
     assert resumed["first_step"] == 4 and resumed["last_step"] == 6
     np.testing.assert_array_equal(np.asarray(resumed["state"].latent_mean), np.asarray(out["state"].latent_mean))
 
@@ -113,7 +121,29 @@ def test_train_sit_end_to_end_with_stats_and_resume(tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match="--i3d"):
         sample(str(tmp_path), str(tmp_path / "x"), fvd=True)
 
-    with config.unlocked():
-        config.tokenizer = None
+    bad = _tiny_sit_config(tokenizer=None)
     with pytest.raises(Exception, match="config.tokenizer"):
-        train_sit(config, str(tmp_path / "x"))
+        train_sit(bad, str(tmp_path / "x"))
+
+
+@pytest.mark.torch
+def test_sit_export_import_round_trip_samples_identically(sit_run, tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    from coordtok_jax.convert.cli import sit_export, sit_import
+    from coordtok_jax.sample import sample
+
+    workdir, config, _, _ = sit_run
+    s = sit_export(str(workdir), str(tmp_path / "sit.pth"))
+    ckpt = torch.load(tmp_path / "sit.pth", map_location="cpu", weights_only=True)
+    assert s["step"] == 6 and set(ckpt) == {"model", "ema", "args"}
+    assert list(ckpt["ema"])[:3] == ["pos_embed_xy", "pos_embed_t", "type_embed"]
+    assert not torch.equal(ckpt["ema"]["blocks.0.attn.qkv.weight"], ckpt["model"]["blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="--latent_stats"):
+        sit_import(str(tmp_path / "sit.pth"), config, str(tmp_path / "imported"), None)
+    sit_import(str(tmp_path / "sit.pth"), config, str(tmp_path / "imported"), str(workdir / "latent_stats.json"))
+    a = sample(str(workdir), str(tmp_path / "a"), num_videos=2, batch=2, steps=2, progress=False)
+    b = sample(str(tmp_path / "imported"), str(tmp_path / "b"), num_videos=2, batch=2, steps=2, progress=False)
+    assert (tmp_path / "a" / "sample_0001.mp4").read_bytes() == (tmp_path / "b" / "sample_0001.mp4").read_bytes()
+    assert a["videos"] == b["videos"] == 2

@@ -22,6 +22,8 @@ import json
 import sys
 import time
 
+import numpy as np
+
 import jax
 from absl import app, flags, logging
 from etils import epath
@@ -39,7 +41,7 @@ from coordtok_jax.evaluate.loading import abstract_params
 from coordtok_jax.train.checkpoint import config_to_json, read_config, resolve_step, restore_params, save_params
 
 FLAGS = flags.FLAGS
-COMMANDS = ("torch-export", "torch-import")
+COMMANDS = ("torch-export", "torch-import", "sit-export", "sit-import")
 
 
 def define_flags():
@@ -52,6 +54,8 @@ def define_flags():
                                     lock_config=True)
     flags.DEFINE_bool("module_prefix", True, "torch-export: prefix keys with DDP's 'module.' as the released file does.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --output file / checkpoints in --workdir.")
+    flags.DEFINE_string("latent_stats", None, "sit-import: JSON with the latent 'mean' and 'std' (3 planes x C), "
+                        "as train_sit writes (WORKDIR/latent_stats.json).")
 
 
 def torch_export(workdir: str, output: str, step=None, *, module_prefix: bool = True, overwrite: bool = False) -> dict:
@@ -87,6 +91,72 @@ def torch_import(checkpoint: str, config, workdir: str, *, overwrite: bool = Fal
     return dict(tensors=len(arrays), parameters=n, skipped=len(skipped), checkpoint=str(path))
 
 
+def sit_export(workdir: str, output: str, step=None, *, overwrite: bool = False) -> dict:
+    """A train_sit checkpoint -> {'model', 'ema', 'args'} with the official SiT keys (no 'opt')."""
+    from coordtok_jax.convert.sit import sit_to_official
+    from coordtok_jax.convert.torch_io import _import_torch
+    from coordtok_jax.train.checkpoint import restore_partial
+    from coordtok_jax.train_sit import split_sit
+
+    torch = _import_torch()
+    out = epath.Path(output)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--output={output} exists; pass --overwrite to replace it")
+    _, step = resolve_step(workdir, step)
+    config = read_config(workdir, step)
+    _, abstract, _, _, _ = split_sit(config)
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+    restored, step = restore_partial(workdir, {"params": sds, "ema": sds}, step)
+    to_torch = lambda tree: {k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in
+                             sit_to_official(jax.tree.map(np.asarray, tree), config.model).items()}
+    ckpt = {"model": to_torch(restored["params"]), "ema": to_torch(restored["ema"]),
+            "args": {"step": step, **config_to_json(config.model)}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp"
+    with tmp.open("wb") as f:
+        torch.save(ckpt, f)
+    tmp.rename(out)
+    return dict(step=step, tensors=len(ckpt["ema"]), output=str(out))
+
+
+def sit_import(checkpoint: str, config, workdir: str, latent_stats: str, *, overwrite: bool = False) -> dict:
+    """An official SiT .pth ('model' and 'ema') + latent stats -> WORKDIR/checkpoints/0 that
+    `python -m coordtok_jax.sample` reads (params, ema, latent_mean, latent_std)."""
+    from coordtok_jax.convert.sit import read_sit_checkpoint, sit_from_official, unwrap_sit_checkpoint
+    from coordtok_jax.convert.torch_io import _tensor_to_numpy
+    from coordtok_jax.diffusion.latent_stats import load_stats
+    from coordtok_jax.models.sit import validate_sit
+
+    validate_sit(config.model)
+    if not latent_stats:
+        raise ValueError("sit-import needs --latent_stats (the official code keeps them in log.txt only): a JSON "
+                         "{'mean': [[...C] x3], 'std': [[...C] x3]} for planes xy, yt, xt, e.g. train_sit's "
+                         "latent_stats.json for the same tokenizer")
+    mean, std = load_stats(latent_stats)
+    c = config.model.in_channels
+    if mean.shape != (3, c) or std.shape != (3, c):
+        raise ValueError(f"{latent_stats}: mean/std must be (3, {c}), got {mean.shape}, {std.shape}")
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --overwrite or choose another --workdir")
+    raw = read_sit_checkpoint(checkpoint)
+    trees = {}
+    for part in ("model", "ema"):
+        sd = unwrap_sit_checkpoint(raw, part)
+        arrays = {k: _tensor_to_numpy(v, k) for k, v in sd.items()}
+        tree = sit_from_official(arrays, config.model, source=f"{checkpoint}[{part!r}]")
+        tree.pop("pos_embed_xy", None)  # a fixed buffer, recomputed by the model
+        trees[part] = jax.tree.map(jax.numpy.asarray, tree)
+    if ckpt_dir.exists() and overwrite:
+        ckpt_dir.rmtree()
+    state = {"params": trees["model"], "ema": trees["ema"], "latent_mean": jax.numpy.asarray(mean, np.float32),
+             "latent_std": jax.numpy.asarray(std, np.float32)}
+    path = save_params(workdir, state, config, step=0, state_is_dict=True)
+    (epath.Path(workdir) / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
+    return dict(tensors=len(unwrap_sit_checkpoint(raw, "ema")), checkpoint=str(path))
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"give one command, {' or '.join(COMMANDS)} (see --help); got {argv[1:]}")
@@ -102,6 +172,18 @@ def main(argv):
                              module_prefix=FLAGS.module_prefix, overwrite=FLAGS.overwrite)
             print(f"wrote {s['output']}: step {s['step']}, {s['tensors']} tensors, {s['parameters']:,} parameters "
                   f"({time.perf_counter() - t0:.1f} s)")
+        elif command == "sit-export":
+            if not FLAGS.workdir or not FLAGS.output:
+                raise app.UsageError("sit-export needs --workdir and --output")
+            s = sit_export(FLAGS.workdir, FLAGS.output, FLAGS.step, overwrite=FLAGS.overwrite)
+            print(f"wrote {s['output']}: step {s['step']}, model + ema with {s['tensors']} tensors each "
+                  f"({time.perf_counter() - t0:.1f} s)")
+        elif command == "sit-import":
+            if not FLAGS.checkpoint or FLAGS.config is None or not FLAGS.workdir:
+                raise app.UsageError("sit-import needs --checkpoint, --config (configs/sit.py:ARG) and --workdir")
+            s = sit_import(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.latent_stats, overwrite=FLAGS.overwrite)
+            print(f"wrote {s['checkpoint']}: {s['tensors']} tensors (model and ema) + latent stats "
+                  f"({time.perf_counter() - t0:.1f} s)")
         else:
             if not FLAGS.checkpoint or FLAGS.config is None or not FLAGS.workdir:
                 raise app.UsageError("torch-import needs --checkpoint, --config and --workdir")
@@ -110,7 +192,7 @@ def main(argv):
             print(f"wrote {s['checkpoint']}: {s['tensors']} tensors, {s['parameters']:,} parameters{skipped} "
                   f"({time.perf_counter() - t0:.1f} s)\n"
                   f"start a run from it with --config.init_from={FLAGS.workdir} and a new --workdir")
-    except (ConversionError, ConfigError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ConversionError, ConfigError, FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -126,8 +126,9 @@ def is_params_only(path: str, step: Optional[int] = None) -> bool:
     return not (directory / str(step) / "data").exists()
 
 
-def save_params(workdir: str, params, config, step: int = 0) -> epath.Path:
-    """Writes WORKDIR/checkpoints/STEP with `state` = {'params': params} and the config.
+def save_params(workdir: str, params, config, step: int = 0, *, state_is_dict: bool = False) -> epath.Path:
+    """Writes WORKDIR/checkpoints/STEP with `state` = {'params': params} (or `params` itself, a
+    dict of state entries, when state_is_dict) and the config.
 
     Such a checkpoint can start a run (config.init_from=WORKDIR) and be read by
     `restore_params`; it holds no optimizer or data-iterator state, so it cannot be resumed.
@@ -137,7 +138,7 @@ def save_params(workdir: str, params, config, step: int = 0) -> epath.Path:
     manager = ocp.CheckpointManager(directory, item_names=("state", "config"),
                                     options=ocp.CheckpointManagerOptions(create=True))
     manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params}),
+        state=ocp.args.StandardSave(params if state_is_dict else {"params": params}),
         config=ocp.args.JsonSave(config_to_json(config)),
     ), force=True)
     manager.wait_until_finished()
