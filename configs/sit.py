@@ -32,14 +32,6 @@ _SIZES = {  # depth, hidden_size, num_heads
 }
 
 # Logical parameter axes -> mesh axes, as configs/coordtok.py ('embed' sharded over 'fsdp').
-LOGICAL_AXIS_RULES = (
-    ("embed", "fsdp"),
-    ("mlp", None),
-    ("qkv", None),
-    ("heads", None),
-    ("norm", None),
-    ("layers", None),
-)
 
 
 def _tokenizer_configs():
@@ -131,7 +123,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1)  # (data, fsdp); one entry may be -1 = fill with the remaining devices
     config.mesh.axes = ("data", "fsdp")
-    config.logical_axis_rules = LOGICAL_AXIS_RULES
+    config.logical_axis_rules = _tokenizer_configs().LOGICAL_AXIS_RULES  # the same axis names
     config.distributed = "auto"
     return config
 

@@ -45,7 +45,7 @@ from coordtok_jax.models.sit import TriplaneSiT, validate_sit
 from coordtok_jax.train import loop
 from coordtok_jax.train.checkpoint import config_to_json
 from coordtok_jax.train.loop import NonFiniteLoss
-from coordtok_jax.train.state import _opt_state_shardings, _param_shardings, make_optimizer
+from coordtok_jax.train.state import opt_state_shardings, param_shardings, make_optimizer
 from coordtok_jax.train.trainer import maybe_initialize_distributed
 
 FLAGS = flags.FLAGS
@@ -86,7 +86,7 @@ def split_sit(config):
 def create_sit_state(config, mesh, tx, stats):
     """(graphdef, buffers, state, state_shardings), built directly in the shardings."""
     graphdef, abstract_params, buffers, abstract, build = split_sit(config)
-    param_sh = _param_shardings(abstract_params, abstract, mesh, config.logical_axis_rules)
+    param_sh = param_shardings(abstract_params, abstract, mesh, config.logical_axis_rules)
     mean, std = (jnp.asarray(a, jnp.float32) for a in stats)
 
     def init():
@@ -99,7 +99,7 @@ def create_sit_state(config, mesh, tx, stats):
     replicated = NamedSharding(mesh, P())
     state_sh = SiTState(
         step=replicated, params=param_sh, ema=param_sh,
-        opt_state=_opt_state_shardings(abstract_state.opt_state, abstract_params, param_sh, replicated),
+        opt_state=opt_state_shardings(abstract_state.opt_state, abstract_params, param_sh, replicated),
         rng=replicated, first_nonfinite=replicated, latent_mean=replicated, latent_std=replicated)
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=state_sh)()

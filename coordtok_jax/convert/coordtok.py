@@ -166,18 +166,23 @@ def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
     return flat
 
 
-def to_official(params: Mapping) -> dict[str, Any]:
-    """Our parameter tree (pure dict) -> {official key: array} in the official order.
-
-    Arrays keep their type: NumPy in, NumPy out (jax arrays work too).
-    """
+def apply_entries(params: Mapping, entries) -> dict[str, Any]:
+    """{official key: array} for each Entry, read from our tree and laid out as the official."""
     out = {}
-    for e in official_entries(layer_counts_of(params)):
+    for e in entries:
         x = _lookup(params, e.path)
         if e.layer is not None:
             x = x[e.layer]
         out[e.key] = _to_official(x, e.kind)
     return out
+
+
+def to_official(params: Mapping) -> dict[str, Any]:
+    """Our parameter tree (pure dict) -> {official key: array} in the official order.
+
+    Arrays keep their type: NumPy in, NumPy out (jax arrays work too).
+    """
+    return apply_entries(params, official_entries(layer_counts_of(params)))
 
 
 def official_shapes(config: Any) -> dict[str, tuple[int, ...]]:

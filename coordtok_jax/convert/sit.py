@@ -31,8 +31,7 @@ from coordtok_jax.convert.coordtok import (
     _from_official,
     _insert,
     _is_float,
-    _lookup,
-    _to_official,
+    apply_entries,
 )
 from coordtok_jax.models.sit import sincos_2d, validate_sit
 
@@ -90,13 +89,7 @@ def sit_to_official(params: Mapping, model_config: Any = None) -> dict[str, Any]
             raise ConversionError("the tree has no 'pos_embed_xy' (a Param-only tree?): pass the whole "
                                   "nnx.state(model), or model_config to recompute the fixed table")
         params = {**params, "pos_embed_xy": _pos_embed_table(model_config)}
-    out = {}
-    for e in sit_official_entries(_depth_of(params)):
-        x = _lookup(params, e.path)
-        if e.layer is not None:
-            x = x[e.layer]
-        out[e.key] = _to_official(x, e.kind)
-    return out
+    return apply_entries(params, sit_official_entries(_depth_of(params)))
 
 
 def sit_official_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:

@@ -256,14 +256,9 @@ def i3d_from_state_dict(state_dict: Mapping[str, Any], *, precision=DEFAULT_PREC
     Strict: raises ValueError listing every missing, unexpected and wrongly shaped key.
     """
     sd = {k: v for k, v in _unwrap(state_dict).items() if not k.endswith(".num_batches_tracked")}
-    expected = expected_shapes()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    misshaped = [f"{k}: {tuple(np.shape(sd[k]))} (expected {expected[k]})"
-                 for k in expected if k in sd and tuple(np.shape(sd[k])) != expected[k]]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"I3D state_dict does not match InceptionI3d(400): missing keys {missing}, "
-                         f"unexpected keys {unexpected}, wrong shapes {misshaped}")
+    from coordtok_jax.models.lpips import check_state_dict
+
+    check_state_dict(sd, expected_shapes(), "I3D (InceptionI3d(400))")
     model = InceptionI3d(rngs=None, precision=precision)
     for prefix, (_, _, _, bn) in _units().items():
         unit = _unit(model, prefix)

@@ -59,14 +59,15 @@ class ConfigError(ValueError):
     """A model configuration that cannot work; the message names the field."""
 
 
-def _get(cfg: Any, name: str) -> Any:
-    if isinstance(cfg, Mapping):
-        if name not in cfg:
-            raise ConfigError(f"config.model.{name} is missing (expected fields: {', '.join(MODEL_FIELDS)})")
-        return cfg[name]
-    if not hasattr(cfg, name):
-        raise ConfigError(f"config.model.{name} is missing (expected fields: {', '.join(MODEL_FIELDS)})")
-    return getattr(cfg, name)
+def get_field(cfg: Any, name: str, fields=MODEL_FIELDS) -> Any:
+    """cfg.name (ConfigDict, dict or dataclass); ConfigError listing `fields` when missing."""
+    present = name in cfg if isinstance(cfg, Mapping) else hasattr(cfg, name)
+    if not present:
+        raise ConfigError(f"config.model.{name} is missing (expected fields: {', '.join(fields)})")
+    return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
+
+
+_get = get_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +118,8 @@ class Geometry:
         )
 
 
-def _positive_int(cfg: Any, name: str) -> int:
-    v = _get(cfg, name)
+def positive_int(cfg: Any, name: str, fields=MODEL_FIELDS) -> int:
+    v = get_field(cfg, name, fields)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ConfigError(f"config.model.{name} must be a positive integer, got {v!r}")
     return v
@@ -145,22 +146,22 @@ def validate(cfg: Any) -> Geometry:
         raise ConfigError(f"config.model.video_shape must be three positive ints (T, H, W), got {vs!r}")
     T, H, W = vs
 
-    d_enc = _positive_int(cfg, "enc_embed_dim")
-    h_enc = _positive_int(cfg, "enc_num_heads")
-    _positive_int(cfg, "enc_patch_num_layers")
-    _positive_int(cfg, "enc_num_layers")
-    ept = _positive_int(cfg, "enc_patch_size_t")
-    epxy = _positive_int(cfg, "enc_patch_size_xy")
-    rxy = _positive_int(cfg, "latent_resolution_xy")
-    rt = _positive_int(cfg, "latent_resolution_t")
-    c = _positive_int(cfg, "latent_n_features")
-    lpxy = _positive_int(cfg, "latent_patch_size_xy")
-    lpt = _positive_int(cfg, "latent_patch_size_t")
-    d_dec = _positive_int(cfg, "dec_embed_dim")
-    h_dec = _positive_int(cfg, "dec_num_heads")
-    _positive_int(cfg, "dec_num_layers")
-    dpt = _positive_int(cfg, "dec_patch_size_t")
-    dpxy = _positive_int(cfg, "dec_patch_size_xy")
+    d_enc = positive_int(cfg, "enc_embed_dim")
+    h_enc = positive_int(cfg, "enc_num_heads")
+    positive_int(cfg, "enc_patch_num_layers")
+    positive_int(cfg, "enc_num_layers")
+    ept = positive_int(cfg, "enc_patch_size_t")
+    epxy = positive_int(cfg, "enc_patch_size_xy")
+    rxy = positive_int(cfg, "latent_resolution_xy")
+    rt = positive_int(cfg, "latent_resolution_t")
+    c = positive_int(cfg, "latent_n_features")
+    lpxy = positive_int(cfg, "latent_patch_size_xy")
+    lpt = positive_int(cfg, "latent_patch_size_t")
+    d_dec = positive_int(cfg, "dec_embed_dim")
+    h_dec = positive_int(cfg, "dec_num_heads")
+    positive_int(cfg, "dec_num_layers")
+    dpt = positive_int(cfg, "dec_patch_size_t")
+    dpxy = positive_int(cfg, "dec_patch_size_xy")
 
     _divides(h_enc, "enc_num_heads", d_enc, "enc_embed_dim", "attention heads split the width")
     _divides(h_dec, "dec_num_heads", d_dec, "dec_embed_dim", "attention heads split the width")

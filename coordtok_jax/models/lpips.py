@@ -64,13 +64,14 @@ def lin_shapes() -> dict[str, tuple[int, ...]]:
     return {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(CHANNELS)}
 
 
-def _check(sd: Mapping[str, np.ndarray], expected: dict, what: str) -> None:
+def check_state_dict(sd: Mapping[str, np.ndarray], expected: dict, what: str) -> None:
+    """ValueError listing every missing, unexpected and wrongly shaped key of `what`."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     misshaped = [f"{k}: {tuple(np.shape(sd[k]))} (expected {expected[k]})"
                  for k in expected if k in sd and tuple(np.shape(sd[k])) != expected[k]]
     if missing or unexpected or misshaped:
-        raise ValueError(f"LPIPS {what} weights do not match: missing keys {missing}, "
+        raise ValueError(f"{what} weights do not match: missing keys {missing}, "
                          f"unexpected keys {unexpected}, misshaped {misshaped}")
 
 
@@ -90,8 +91,8 @@ class LPIPS(nnx.Module):
                          dtype=jnp.float32, precision=None) -> "LPIPS":
         """From torchvision `features.{i}.weight/bias` (`classifier.*` ignored) and LPIPS lin weights."""
         vgg = {k: v for k, v in vgg.items() if not k.startswith("classifier.")}
-        _check(vgg, conv_shapes(), "VGG16")
-        _check(lin, lin_shapes(), "linear-layer")
+        check_state_dict(vgg, conv_shapes(), "LPIPS VGG16")
+        check_state_dict(lin, lin_shapes(), "LPIPS linear-layer")
         convs = [(np.transpose(np.asarray(vgg[f"features.{i}.weight"], np.float32), (2, 3, 1, 0)),
                   np.asarray(vgg[f"features.{i}.bias"], np.float32)) for i in CONV_INDICES]
         lins = [np.asarray(lin[k], np.float32).reshape(-1) for k in lin_shapes()]

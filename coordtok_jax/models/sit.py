@@ -52,6 +52,8 @@ from coordtok_jax.models.config import (
     REMAT_POLICIES,
     ConfigError,
     compute_dtype,
+    get_field,
+    positive_int,
     query_chunk,
 )
 from coordtok_jax.models.encoder import learned
@@ -70,17 +72,11 @@ SIT_FIELDS = (
 
 
 def _get(cfg: Any, name: str) -> Any:
-    present = name in cfg if isinstance(cfg, Mapping) else hasattr(cfg, name)
-    if not present:
-        raise ConfigError(f"config.model.{name} is missing (SiT fields: {', '.join(SIT_FIELDS)})")
-    return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
+    return get_field(cfg, name, SIT_FIELDS)
 
 
 def _positive_int(cfg: Any, name: str) -> int:
-    v = _get(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ConfigError(f"config.model.{name} must be a positive integer, got {v!r}")
-    return v
+    return positive_int(cfg, name, SIT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,13 +52,13 @@ def learning_rate(config, step):
     return jnp.asarray(o.learning_rate, jnp.float32)
 
 
-def _param_shardings(abstract_params, model_abstract, mesh, rules):
+def param_shardings(abstract_params, model_abstract, mesh, rules):
     """NamedSharding per parameter from the logical names carried by the abstract model."""
     named = sharding_lib.state_shardings(nnx.state(model_abstract, nnx.Param), mesh, rules)
     return nnx.to_pure_dict(named)
 
 
-def _opt_state_shardings(opt_state, params, param_shardings, replicated):
+def opt_state_shardings(opt_state, params, param_shardings, replicated):
     """Subtrees of the optimizer state shaped like the parameters (Adam's mu and nu) take the
     parameters' shardings; scalars such as the step count are replicated."""
     params_def = jax.tree.structure(params)
@@ -72,7 +72,7 @@ def create_train_state(config, mesh, tx):
     model_abstract = nnx.eval_shape(build)
     graphdef, abstract_params = nnx.split(model_abstract)
     abstract_params = nnx.to_pure_dict(abstract_params)
-    param_sh = _param_shardings(abstract_params, model_abstract, mesh, config.logical_axis_rules)
+    param_sh = param_shardings(abstract_params, model_abstract, mesh, config.logical_axis_rules)
 
     def init():
         params = nnx.to_pure_dict(nnx.state(build(), nnx.Param))
@@ -89,7 +89,7 @@ def create_train_state(config, mesh, tx):
     state_sh = TrainState(
         step=replicated,
         params=param_sh,
-        opt_state=_opt_state_shardings(abstract_state.opt_state, abstract_params, param_sh, replicated),
+        opt_state=opt_state_shardings(abstract_state.opt_state, abstract_params, param_sh, replicated),
         rng=replicated,
         first_nonfinite=replicated,
     )
