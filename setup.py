@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 RUNTIME = [
     "jax>=0.6",
     "flax>=0.12",
-    "optax>=0.2",
+    "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
     "grain>=0.2",
     "tensorflow-datasets>=4.9",
@@ -63,6 +63,7 @@ setup(
             "coordtok-reconstruct=coordtok_jax.reconstruct:run",
             "coordtok-train-sit=coordtok_jax.train_sit:run",
             "coordtok-sample=coordtok_jax.sample:run",
+            "coordtok-encode-latents=coordtok_jax.data.encode_latents:run",
         ],
     },
     license="MIT",

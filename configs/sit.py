@@ -78,6 +78,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # config.model (in_channels, latent_resolution_xy / _t).
     config.tokenizer = ml_collections.FieldReference(None, field_type=str)
     config.data = _tokenizer_configs().data_config()
+    # Or train from a latent cache (python -m coordtok_jax.data.encode_latents): its data config
+    # and tokenizer are adopted, the tokenizer is loaded only for the sampling evals.
+    config.latents = ml_collections.FieldReference(None, field_type=str)
     if tiny:
         config.data.min_frames = 9
 
@@ -116,7 +119,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.save_every = 50 if tiny else 10_000
     config.keep_last = 3
     config.keep_every = 0  # also keep every N-th step's checkpoint (0 = off)
-    config.eval_every = 0  # no in-loop evaluation yet (sampling + gFVD: coordtok_jax.sample, to come)
+    # In-loop eval (0 = off): eval_num_videos samples from the EMA (eval_sampler_steps steps of the
+    # configured sampler, None = config.sampler.num_steps) -> WORKDIR/samples/step_N.gif and the
+    # sampled latents' spread; with eval_i3d (i3d_pretrained_400.pt) also gFVD vs as many real clips.
+    config.eval_every = 0 if tiny else 25_000
+    config.eval_num_videos = 4 if tiny else 16
+    config.eval_sampler_steps = ml_collections.FieldReference(None, field_type=int)
+    config.eval_i3d = ml_collections.FieldReference(None, field_type=str)
     config.debug = ml_collections.ConfigDict()
     config.debug.kill_at_step = 0  # tests: SIGKILL after saving this step
 

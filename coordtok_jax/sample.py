@@ -63,18 +63,12 @@ def sample(workdir: str, output: str, *, num_videos: int = 8, sampler: Optional[
            attention_impl: Optional[str] = None, progress: bool = True) -> dict:
     """Generates `num_videos` videos into `output`; returns a summary (and 'gfvd' with --fvd)."""
     import jax
-    import jax.numpy as jnp
     from etils import epath
     from flax import nnx
     from tqdm import tqdm
 
     from coordtok_jax.data.video_io import write_video
-    from coordtok_jax.diffusion.latent_stats import denormalize
-    from coordtok_jax.diffusion.samplers import make_sample_fn
     from coordtok_jax.evaluate.loading import load_tokenizer
-    from coordtok_jax.evaluate.metrics import frames_in_unit_range
-    from coordtok_jax.models.decode_video import decode_video
-    from coordtok_jax.train_sit import make_transport
 
     if num_videos <= 0 or batch <= 0:
         raise ValueError(f"--num-videos and --batch must be positive, got {num_videos}, {batch}")
@@ -85,24 +79,8 @@ def sample(workdir: str, output: str, *, num_videos: int = 8, sampler: Optional[
     overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
     tokenizer, _, _ = load_tokenizer(config.tokenizer, **overrides)
     tok_graphdef, tok_params = nnx.split(tokenizer)
-    g = tokenizer.geometry
-    s = config.sampler
-    sample_fn = make_sample_fn(make_transport(config), None, mode=(sampler or s.mode).upper(),
-                               num_sampling_steps=int(steps or s.num_steps), diffusion_form=s.diffusion_form,
-                               diffusion_norm=s.diffusion_norm, last_step=s.last_step,
-                               last_step_size=s.last_step_size)
-
-    @jax.jit
-    def generate(ema, key):
-        model = nnx.merge(graphdef, ema, buffers)
-        k0, k1 = jax.random.split(key)
-        keys = jax.random.split(k0, 3)
-        x0 = tuple(jax.random.normal(k, (batch,) + shape, jnp.float32) for k, shape in zip(keys, g.plane_shapes))
-        y = jnp.zeros((batch,), jnp.int32)  # unconditional: every label is 0 (official)
-        planes = sample_fn(lambda x, t: tuple(model(tuple(x), t, y)), x0, k1)
-        planes = denormalize(planes, mean, std)
-        video = decode_video(nnx.merge(tok_graphdef, tok_params), planes)  # every patch, one joint pass
-        return (frames_in_unit_range(video) * 255.0 + 0.5).astype(jnp.uint8)
+    generate = make_generator(config, graphdef, buffers, tok_graphdef, tokenizer.geometry, batch, mode=sampler,
+                              steps=steps)
 
     out = epath.Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +88,7 @@ def sample(workdir: str, output: str, *, num_videos: int = 8, sampler: Optional[
     key = jax.random.key(seed)
     n_calls = -(-num_videos // batch)
     for i in tqdm(range(n_calls), unit="batch", desc="sampling", disable=not progress):
-        videos.append(np.asarray(generate(ema, jax.random.fold_in(key, i))))
+        videos.append(np.asarray(generate(ema, tok_params, mean, std, jax.random.fold_in(key, i))[0]))
     videos = np.concatenate(videos)[:num_videos]
     written = []
     for i, v in enumerate(videos):
@@ -144,19 +122,70 @@ def write_grid_gif(videos: np.ndarray, path, fps: int) -> None:
                        loop=0)
 
 
+def make_generator(config, graphdef, buffers, tok_graphdef, geometry, batch: int, *, mode: Optional[str] = None,
+                   steps: Optional[int] = None, out_sharding=None):
+    """jitted (ema, tokenizer params, latent mean, std, key) -> (uint8 videos (batch, T, H, W, 3),
+    std of the sampled normalised planes): Gaussian planes integrated by config.sampler (mode /
+    steps override it), de-normalised, every frame decoded in one joint decoder pass."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from coordtok_jax.diffusion.latent_stats import denormalize
+    from coordtok_jax.diffusion.samplers import make_sample_fn
+    from coordtok_jax.evaluate.metrics import frames_in_unit_range
+    from coordtok_jax.models.decode_video import decode_video
+    from coordtok_jax.train_sit import make_transport
+
+    s = config.sampler
+    sample_fn = make_sample_fn(make_transport(config), None, mode=(mode or s.mode).upper(),
+                               num_sampling_steps=int(steps or s.num_steps), diffusion_form=s.diffusion_form,
+                               diffusion_norm=s.diffusion_norm, last_step=s.last_step,
+                               last_step_size=s.last_step_size)
+
+    def generate(ema, tok_params, mean, std, key):
+        model = nnx.merge(graphdef, ema, buffers)
+        k0, k1 = jax.random.split(key)
+        keys = jax.random.split(k0, 3)
+        x0 = tuple(jax.random.normal(k, (batch,) + tuple(shape), jnp.float32)
+                   for k, shape in zip(keys, geometry.plane_shapes))
+        y = jnp.zeros((batch,), jnp.int32)  # unconditional: every label is 0 (official)
+        planes = sample_fn(lambda x, t: tuple(model(tuple(x), t, y)), x0, k1)
+        spread = jnp.mean(jnp.stack([jnp.std(z) for z in planes]))
+        video = decode_video(nnx.merge(tok_graphdef, tok_params), denormalize(planes, mean, std))
+        return (frames_in_unit_range(video) * 255.0 + 0.5).astype(jnp.uint8), spread
+
+    return jax.jit(generate, out_shardings=out_sharding)
+
+
+class GeneratedFVD:
+    """gFVD of generated videos against `num_videos` random real clips of config.data (StyleGAN-V
+    protocol: I3D logits). The real clips' statistics are computed once, at the first call."""
+
+    def __init__(self, config, i3d_path: str, num_videos: int, *, seed: int = 0, progress: bool = False):
+        from coordtok_jax.evaluate.i3d import load_i3d
+
+        self.config, self.num_videos, self.seed, self.progress = config, int(num_videos), int(seed), progress
+        self.i3d = load_i3d(i3d_path)
+        self.real = None
+
+    def __call__(self, videos: np.ndarray) -> float:
+        from coordtok_jax.data.pipeline import make_sampled_dataset
+        from coordtok_jax.evaluate.fvd import FeatureStats, compute_stats, fvd
+        from coordtok_jax.evaluate.i3d import i3d_features
+
+        if self.real is None:
+            n = self.num_videos
+            batches = (b["video"] for b in make_sampled_dataset(
+                self.config.data, videos.shape[1:4], n, min(n, 8), seed=self.seed, train=True, process_index=0,
+                process_count=1))
+            self.real = compute_stats(batches, self.i3d, num_clips=n, progress=self.progress, desc="real clips")
+        return fvd(self.real, FeatureStats.from_features(i3d_features(self.i3d, videos)))
+
+
 def generated_fvd(config, videos: np.ndarray, i3d_path: str, seed: int, progress: bool) -> float:
     """gFVD: I3D logits of the generated videos vs as many random real clips of config.data."""
-    from coordtok_jax.data.pipeline import make_sampled_dataset
-    from coordtok_jax.evaluate.fvd import FeatureStats, compute_stats, fvd
-    from coordtok_jax.evaluate.i3d import i3d_features, load_i3d
-
-    i3d = load_i3d(i3d_path)
-    fake = FeatureStats.from_features(i3d_features(i3d, videos))
-    shape = videos.shape[1:4]
-    real_batches = (b["video"] for b in make_sampled_dataset(config.data, shape, len(videos), min(len(videos), 8),
-                                                            seed=seed, train=True, process_index=0, process_count=1))
-    real = compute_stats(real_batches, i3d, num_clips=len(videos), progress=progress, desc="real clips")
-    return fvd(real, fake)
+    return GeneratedFVD(config, i3d_path, len(videos), seed=seed, progress=progress)(videos)
 
 
 def main(argv):

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
@@ -35,9 +36,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from coordtok_jax import sharding as sharding_lib
+from coordtok_jax.data.latents import make_latent_dataset, make_sampled_latents, read_metadata
 from coordtok_jax.data.pipeline import make_dataset, make_sampled_dataset
+from coordtok_jax.data.sources import DataError
 from coordtok_jax.data.video import to_model_input
-from coordtok_jax.diffusion.latent_stats import LatentStats, load_stats, normalize, save_stats
+from coordtok_jax.diffusion.latent_stats import LatentStats, compute_latent_stats, load_stats, normalize, save_stats
 from coordtok_jax.diffusion.transport import Transport
 from coordtok_jax.evaluate.loading import load_tokenizer
 from coordtok_jax.models import ConfigError
@@ -125,7 +128,7 @@ def make_sit_update(graphdef, buffers, transport: Transport, tx, ema_decay: floa
         bad = ~jnp.isfinite(loss)
         first = jnp.where((state.first_nonfinite < 0) & bad, state.step, state.first_nonfinite)
         new = state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state, first_nonfinite=first)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return update
 
@@ -137,12 +140,70 @@ def _labels(config, label):
     return jnp.clip(label, 0, config.model.num_classes - 1)
 
 
+def check_plane_shapes(config, plane_shapes, where: str) -> None:
+    """The SiT's planes (config.model) must be the tokenizer's."""
+    m = config.model
+    want = [(m.latent_resolution_xy, m.latent_resolution_xy, m.in_channels),
+            (m.latent_resolution_t, m.latent_resolution_xy, m.in_channels)]
+    got = [tuple(s) for s in plane_shapes]
+    if got[0] != want[0] or got[1] != want[1] or got[2] != want[1]:
+        raise ConfigError(f"{where} has planes xy {got[0]}, yt {got[1]}, xt {got[2]}; config.model expects xy "
+                          f"{want[0]} and yt/xt {want[1]} (latent_resolution_xy/t, in_channels)")
+
+
+class FrozenTokenizer(NamedTuple):
+    encode: Callable  # (params, uint8 video (B, T, H, W, 3), n_frames (B,)) -> planes (xy, yt, xt)
+    params: Any
+    graphdef: Any
+    geometry: Any
+    step: int
+    config: Any  # the tokenizer's full config
+
+
+def frozen_tokenizer(config, sharding) -> FrozenTokenizer:
+    """The tokenizer named by config.tokenizer, its parameters in `sharding`."""
+    if not config.tokenizer:
+        raise ConfigError("config.tokenizer must name the tokenizer's workdir (a trainer run or a torch-import)")
+    tokenizer, tok_config, tok_step = load_tokenizer(config.tokenizer, sharding=sharding)
+    check_plane_shapes(config, tokenizer.geometry.plane_shapes, f"the tokenizer in {config.tokenizer}")
+    tok_graphdef, tok_params = nnx.split(tokenizer)
+    pad_value = float(tok_config.data.get("pad_value", -3.0))
+
+    def encode(tok_params, video, n_frames):
+        model = nnx.merge(tok_graphdef, tok_params)
+        return model.encode(to_model_input(video, n_frames, pad_value), n_frames)
+
+    return FrozenTokenizer(encode, tok_params, tok_graphdef, tokenizer.geometry, tok_step, tok_config)
+
+
+def _adopt_cache(config):
+    """Cache mode: a copy of config whose data (and, if unset, tokenizer) are the cache's, so
+    config.json says what the SiT was trained on; checks the planes."""
+    meta = read_metadata(config.latents)
+    check_plane_shapes(config, meta["plane_shapes"], f"the latent cache {config.latents}")
+    config = ml_collections.ConfigDict(config_to_json(config))
+    if config.tokenizer and str(config.tokenizer) != meta["tokenizer"]:
+        logging.warning("config.tokenizer=%s, but the cache %s was encoded by %s (step %s): sampling and evals "
+                        "use config.tokenizer", config.tokenizer, config.latents, meta["tokenizer"],
+                        meta["tokenizer_step"])
+    config.tokenizer = config.tokenizer or meta["tokenizer"]
+    config.data = ml_collections.ConfigDict(meta["data"])
+    return config, meta
+
+
 def train_sit(config, workdir: str) -> dict:
     # --- distributed, config, workdir -------------------------------------------------------
     maybe_initialize_distributed(config.get("distributed", "auto"))
     validate_sit(config.model)
-    if not config.tokenizer:
-        raise ConfigError("config.tokenizer must name the tokenizer's workdir (a trainer run or a torch-import)")
+    if config.eval_every > 0 and config.eval_num_videos <= 0:
+        raise ConfigError(f"config.eval_num_videos must be positive when config.eval_every > 0, "
+                          f"got {config.eval_num_videos}")
+    cache = bool(config.get("latents"))
+    if cache:
+        config, meta = _adopt_cache(config)
+    elif not config.tokenizer:
+        raise ConfigError("config.tokenizer must name the tokenizer's workdir (a trainer run or a torch-import), "
+                          "or config.latents a latent cache (coordtok_jax.data.encode_latents)")
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
     if is_main:
@@ -154,26 +215,22 @@ def train_sit(config, workdir: str) -> dict:
     mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
     batch_sharding = NamedSharding(mesh, P(tuple(config.mesh.axes)))
     replicated = NamedSharding(mesh, P())
-
-    # --- frozen tokenizer -------------------------------------------------------------------
-    tokenizer, tok_config, tok_step = load_tokenizer(config.tokenizer, sharding=replicated)
-    g = tokenizer.geometry
-    want = ((config.model.latent_resolution_xy,) * 2 + (config.model.in_channels,),
-            (config.model.latent_resolution_t, config.model.latent_resolution_xy, config.model.in_channels))
-    if g.plane_shapes[0] != want[0] or g.plane_shapes[1] != want[1]:
-        raise ConfigError(f"the tokenizer in {config.tokenizer} makes planes {g.plane_shapes[:2]}, config.model "
-                          f"expects xy {want[0]} and yt/xt {want[1]} (latent_resolution_xy/t, in_channels)")
-    tok_graphdef, tok_params = nnx.split(tokenizer)
-    pad_value = float(tok_config.data.get("pad_value", -3.0))
-
-    def encode(tok_params, video, n_frames):
-        model = nnx.merge(tok_graphdef, tok_params)
-        return model.encode(to_model_input(video, n_frames, pad_value), n_frames)
-
-    # --- input ------------------------------------------------------------------------------
     local_batch = config.batch_size // jax.process_count()
-    data_iter = iter(make_dataset(config.data, g.video_shape, local_batch))
-    keys = ("video", "n_frames", "label")
+
+    # --- frozen tokenizer (on-the-fly encoding, and in-loop sampling evals) -----------------
+    tok = None
+    if not cache or config.eval_every > 0:
+        tok = frozen_tokenizer(config, replicated)
+        encode, tok_params, geometry, tok_step = tok.encode, tok.params, tok.geometry, tok.step
+
+    # --- input: clips encoded on the fly, or the latent cache --------------------------------
+    if cache:
+        keys = ("xy", "yt", "xt", "label")
+        data_iter = iter(make_latent_dataset(config.latents, local_batch, seed=config.data.seed,
+                                             data_options=config.data))
+    else:
+        keys = ("video", "n_frames", "label")
+        data_iter = iter(make_dataset(config.data, geometry.video_shape, local_batch))
 
     def global_batch(local):
         return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k])) for k in keys}
@@ -183,7 +240,11 @@ def train_sit(config, workdir: str) -> dict:
     if stats_path.exists():
         stats = load_stats(stats_path)
     else:
-        stats = latent_statistics(config, g, tok_params, encode, global_batch, local_batch, replicated, is_main)
+        if cache:
+            stats = cached_latent_statistics(config, local_batch, is_main)
+        else:
+            stats = latent_statistics(config, geometry, tok_params, encode, global_batch, local_batch, replicated,
+                                      is_main)
         if is_main:
             save_stats(stats, stats_path)
             print(f"latent statistics over {stats.clips} clips -> {stats_path}")
@@ -193,23 +254,38 @@ def train_sit(config, workdir: str) -> dict:
     tx = make_optimizer(config)
     graphdef, buffers, state, state_sh = create_sit_state(config, mesh, tx, stats)
     update = make_sit_update(graphdef, buffers, make_transport(config), tx, config.ema_decay)
-
-    def step_fn(state, tok_params, batch):
-        planes = jax.lax.stop_gradient(encode(tok_params, batch["video"], batch["n_frames"]))
-        x1 = normalize(planes, state.latent_mean, state.latent_std)
-        return update(state, x1, _labels(config, batch["label"]))
-
     batch_sh = {k: batch_sharding for k in keys}
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, replicated, batch_sh),
+
+    if cache:
+        def step_fn(state, batch):
+            x1 = normalize((batch["xy"], batch["yt"], batch["xt"]), state.latent_mean, state.latent_std)
+            return update(state, x1, _labels(config, batch["label"]))
+
+        jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                         donate_argnums=0)
+        step = jitted
+    else:
+        def step_fn(state, tok_params, batch):
+            planes = jax.lax.stop_gradient(encode(tok_params, batch["video"], batch["n_frames"]))
+            x1 = normalize(planes, state.latent_mean, state.latent_std)
+            return update(state, x1, _labels(config, batch["label"]))
+
+        jitted = jax.jit(step_fn, in_shardings=(state_sh, replicated, batch_sh),
                          out_shardings=(state_sh, replicated), donate_argnums=0)
+        step = lambda s, b: jitted(s, tok_params, b)
+
+    # --- evals: samples from the EMA (grid gif, sampled latent spread, gFVD) ---------------
+    evaluate = None
+    if config.eval_every > 0:
+        evaluate = sampling_eval(config, workdir, graphdef, buffers, tok, replicated, is_main)
 
     # --- loop (train/loop.py) ---------------------------------------------------------------
     if is_main:
-        print(f"SiT {config.get('size', '')} on tokenizer {config.tokenizer} (step {tok_step}): "
+        what = f"the latent cache {config.latents}" if cache else f"tokenizer {config.tokenizer} (step {tok_step})"
+        print(f"SiT {config.get('size', '')} on {what}: "
               f"{sum(int(x.size) for x in jax.tree.leaves(state.params)):,} parameters")
-    task = loop.Task(state=state, state_sharding=state_sh, step=lambda s, b: train_step(s, tok_params, b),
-                     data_iter=data_iter, global_batch=global_batch, items_per_step=config.batch_size,
-                     counters=())
+    task = loop.Task(state=state, state_sharding=state_sh, step=step, data_iter=data_iter,
+                     global_batch=global_batch, items_per_step=config.batch_size, evaluate=evaluate, counters=())
     return loop.run(config, workdir, task)
 
 
@@ -231,6 +307,50 @@ def latent_statistics(config, geometry, tok_params, encode, global_batch, local_
     return stats
 
 
+def cached_latent_statistics(config, local_batch, progress) -> LatentStats:
+    """The same statistics from config.stats_num_clips random records of the latent cache: each
+    host reads its share, the float64 accumulators are summed over hosts (exact)."""
+    per_host = -(-int(config.stats_num_clips) // jax.process_count())
+    batches = make_sampled_latents(config.latents, config.stats_num_clips, local_batch, seed=config.seed + 1,
+                                   data_options=config.data)
+    stats = compute_latent_stats(lambda b: (b["xy"], b["yt"], b["xt"]), batches, per_host,
+                                 config.model.in_channels, progress=progress)
+    stats.clips = per_host * jax.process_count()
+    return stats
+
+
+def sampling_eval(config, workdir, graphdef, buffers, tok, replicated, is_main):
+    """(step, state) -> scalars: config.eval_num_videos videos sampled from the EMA with the
+    configured sampler (config.eval_sampler_steps steps), decoded; WORKDIR/samples/step_N.gif;
+    'sample_latent_std' (the generated normalised planes' std, ~1 when calibrated) and, with
+    config.eval_i3d, 'gfvd' against as many random real clips of config.data."""
+    from coordtok_jax.sample import GeneratedFVD, make_generator, write_grid_gif
+
+    n = int(config.eval_num_videos)
+    batch = max(1, min(n, int(config.batch_size)))
+    generate = make_generator(config, graphdef, buffers, tok.graphdef, tok.geometry, batch,
+                              steps=config.get("eval_sampler_steps") or None, out_sharding=replicated)
+    fvd = GeneratedFVD(config, config.eval_i3d, n, seed=config.seed) if config.get("eval_i3d") else None
+    key = jax.random.key(config.seed + 2)  # the same noise every eval: samples comparable across steps
+
+    def evaluate(step, state):
+        videos, spread = [], []
+        for i in range(-(-n // batch)):
+            v, sd = generate(state.ema, tok.params, state.latent_mean, state.latent_std, jax.random.fold_in(key, i))
+            videos.append(np.asarray(v))
+            spread.append(float(sd))
+        videos = np.concatenate(videos)[:n]
+        if is_main:
+            (workdir / "samples").mkdir(parents=True, exist_ok=True)
+            write_grid_gif(videos[:16], workdir / "samples" / f"step_{step}.gif", fps=8)
+        scalars = {"sample_latent_std": float(np.mean(spread))}
+        if fvd is not None:
+            scalars["gfvd"] = fvd(videos)
+        return scalars
+
+    return evaluate
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -240,7 +360,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     try:
         train_sit(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, NonFiniteLoss, FileNotFoundError) as e:
+    except (ConfigError, DataError, NonFiniteLoss, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

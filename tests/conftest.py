@@ -33,3 +33,24 @@ def reference_dir():
 def devices():
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny tokenizer checkpoint (random parameters) for the SiT tests, which only need its encoder."""
+    import coordtok
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from coordtok_jax.models.coordtok import CoordTok
+    from coordtok_jax.train.checkpoint import save_params
+
+    workdir = tmp_path_factory.mktemp("tokenizer")
+    config = coordtok.get_config("tiny")
+    abstract = nnx.eval_shape(lambda: CoordTok(config.model, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.05),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    save_params(str(workdir), params, config, step=5)
+    return workdir

@@ -4,17 +4,13 @@ the checkpoint, resume)."""
 
 import json
 
-import coordtok
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import sit
-from flax import nnx
 
 from coordtok_jax import sharding as sharding_lib
-from coordtok_jax.models.coordtok import CoordTok
-from coordtok_jax.train.checkpoint import save_params
 from coordtok_jax.train.state import make_optimizer
 from coordtok_jax.train_sit import create_sit_state, make_sit_update, make_transport, train_sit
 
@@ -62,19 +58,6 @@ def test_tiny_sit_loss_falls_on_fixed_latents_and_ema_updates():
         losses.append(float(m["loss"]))
     assert np.mean(losses[-20:]) < 0.5 * first, (first, losses[-20:])
     assert int(state.step) == 201 and int(state.first_nonfinite) == -1
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A tiny tokenizer checkpoint (random parameters; the SiT trainer only needs its encoder)."""
-    workdir = tmp_path_factory.mktemp("tokenizer")
-    config = coordtok.get_config("tiny")
-    abstract = nnx.eval_shape(lambda: CoordTok(config.model, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.05),
-                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    save_params(str(workdir), params, config, step=5)
-    return workdir
 
 
 @pytest.fixture(scope="module")

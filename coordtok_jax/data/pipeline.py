@@ -89,9 +89,16 @@ def make_dataset(
     if train:
         ds = ds.shuffle(seed=int(data.seed)).repeat()
     ds = ds.map_with_index(ClipLoader(source, data.seed, process_index, data.get("max_consecutive_failures", 64)))
+    return batched(ds, data, batch_size, drop_remainder=train)
+
+
+def batched(ds: grain.MapDataset, data, batch_size: int, *, drop_remainder: bool) -> grain.IterDataset:
+    """A MapDataset read with config.data's threads / prefetch, batched, optionally through
+    `num_workers` worker processes (the last step of every pipeline here)."""
+    data = data or {}
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 4)),
                                               prefetch_buffer_size=int(data.get("prefetch", 8))))
-    it = it.batch(batch_size, drop_remainder=train)
+    it = it.batch(batch_size, drop_remainder=drop_remainder)
     if int(data.get("num_workers", 0)) > 0:
         from absl import flags
 
@@ -130,6 +137,4 @@ def make_sampled_dataset(
     records = np.random.default_rng([int(seed), int(process_index)]).integers(0, len(source), local)
     ds = grain.MapDataset.source(records.tolist())
     ds = ds.map_with_index(ClipLoader(source, seed, process_index, data.get("max_consecutive_failures", 64)))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 4)),
-                                              prefetch_buffer_size=int(data.get("prefetch", 8))))
-    return it.batch(batch_size, drop_remainder=False)
+    return batched(ds, data, batch_size, drop_remainder=False)

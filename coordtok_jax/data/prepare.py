@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 from absl import app, flags, logging
@@ -71,10 +70,10 @@ def _load_synthetic(job):
 
 def prepare(source: str, input_dir, output: str, num_shards: int, height: int, width: int, workers: int,
             num_clips: int = 64, frames: int = 128, overwrite: bool = False) -> dict:
-    from array_record.python.array_record_module import ArrayRecordWriter
     from tqdm import tqdm
 
     from coordtok_jax.data import records
+    from coordtok_jax.data.shards import ShardWriter, staging_dir
     from coordtok_jax.data.sources import list_videos
 
     out = epath.Path(output)
@@ -92,12 +91,8 @@ def prepare(source: str, input_dir, output: str, num_shards: int, height: int, w
         load = _load_synthetic
     num_shards = min(num_shards, len(jobs))
 
-    remote = not out.as_posix().startswith("/") and "://" in out.as_posix()
-    local_dir = epath.Path(tempfile.mkdtemp(prefix="coordtok_prepare_")) if remote else out
-    local_dir.mkdir(parents=True, exist_ok=True)
-    tmp_names = [local_dir / (_shard_name(i, num_shards) + ".tmp") for i in range(num_shards)]
-    writers = [ArrayRecordWriter(str(p), "group_size:1") for p in tmp_names]
-    counts = [0] * num_shards
+    staging, temporary = staging_dir(out, "coordtok_prepare_")
+    writers = [ShardWriter(out, _shard_name(i, num_shards), staging) for i in range(num_shards)]
     failures = []
     total_frames = 0
     start = time.time()
@@ -111,32 +106,27 @@ def prepare(source: str, input_dir, output: str, num_shards: int, height: int, w
                     logging.warning("skipping %s: %s", name, error)
                     failures.append({"file": name, "error": error})
                     continue
-                shard = k % num_shards
-                writers[shard].write(records.encode_clip(video, label, name))
-                counts[shard] += 1
+                writers[k % num_shards].write(records.encode_clip(video, label, name))
                 total_frames += video.shape[0]
-    finally:
+        counts = [w.count for w in writers]
+        if sum(counts) == 0:
+            raise RuntimeError(f"no video of {input_dir or source} could be decoded; first failures: {failures[:5]}")
         for w in writers:
-            w.close()
+            w.finish()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        if temporary:
+            shutil.rmtree(staging, ignore_errors=True)
     written = sum(counts)
-    if written == 0:
-        raise RuntimeError(f"no video of {input_dir or source} could be decoded; first failures: {failures[:5]}")
-    for i, tmp in enumerate(tmp_names):
-        final = out / _shard_name(i, num_shards)
-        if remote:  # stream the local shard up (array_record cannot write gs://)
-            with tmp.open("rb") as src, final.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
-            tmp.unlink()
-        else:
-            tmp.rename(final)
     metadata = dict(
         source=source, input=str(input_dir) if input_dir else None, height=height, width=width,
         num_shards=num_shards, num_clips=written, clips_per_shard=counts, total_frames=total_frames,
         classes=classes, failures=failures, format="coordtok_jax.data.records npz (video, label, name)",
     )
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    if remote:
-        shutil.rmtree(local_dir, ignore_errors=True)
     print(f"wrote {written} clips ({total_frames} frames) to {num_shards} shards in {output} "
           f"in {time.time() - start:.1f} s; {len(failures)} unreadable videos skipped")
     return metadata

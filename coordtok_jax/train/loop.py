@@ -148,10 +148,15 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
 
             if task.evaluate is not None and (every(step, config.eval_every) or step == config.total_steps):
                 check_finite("eval")
-                for k, v in task.evaluate(step, state).items():
+                t_eval = time.perf_counter()
+                results = task.evaluate(step, state)
+                for k, v in results.items():
                     summary[f"eval_{k}"] = v
                     if writer:
                         writer.add_scalar(f"eval/{k}", v, step)
+                if is_main and results:
+                    bar.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
+                t_log += time.perf_counter() - t_eval  # evals do not count in the training throughput
 
             if every(step, config.save_every) or step == config.total_steps or stop["signal"]:
                 check_finite("save")

@@ -177,8 +177,7 @@ def train(config, workdir: str) -> dict:
 
             side = np.concatenate([eval_frames, (recon * 255 + 0.5).astype(np.uint8)], axis=3)  # (B, T, H, 2W, 3)
             grid = np.concatenate(list(side), axis=1)  # videos stacked vertically
-            write_video(workdir / "samples" / f"step_{step:08d}.mp4", grid)
-            print(f"step {step}: eval PSNR {psnr:.2f} dB on {len(eval_n)} held-out clips")
+            write_video(workdir / "samples" / f"step_{step:08d}.mp4", grid)  # the loop prints the scalars
         return {"psnr": psnr}
 
     # --- loop (checkpoints, resume, logging, signals: train/loop.py) ------------------------

@@ -1,0 +1,200 @@
+"""The latent cache: records and the grain reader (host split, checkpointable position, clear
+errors), encode_latents (planes equal a direct encoding of the same clips, crash resume, refusals,
+two processes) and train_sit from the cache with the in-loop sampling eval."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import sit
+
+from coordtok_jax.data import latents
+from coordtok_jax.data.shards import ShardWriter
+from coordtok_jax.data.sources import DataError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPES = [(4, 4, 2), (6, 4, 2), (6, 4, 2)]
+
+
+def _write_cache(root, num_clips=10, num_shards=2, shapes=SHAPES, metadata=True):
+    rng = np.random.default_rng(0)
+    bounds = np.linspace(0, num_clips, num_shards + 1).round().astype(int)
+    planes = {}
+    for s in range(num_shards):
+        w = ShardWriter(root, latents.shard_name(s, num_shards))
+        for k in range(bounds[s], bounds[s + 1]):
+            planes[k] = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+            w.write(latents.encode_planes(planes[k], label=k % 3, clip=k))
+        w.finish()
+    spec = dict(plane_shapes=[list(x) for x in SHAPES], num_clips=num_clips, num_shards=num_shards,
+                tokenizer="tok", tokenizer_step=1, data={"source": "synthetic"})
+    (root / "spec.json").write_text(json.dumps(spec))
+    if metadata:
+        (root / "metadata.json").write_text(json.dumps(spec))
+    return planes
+
+
+def test_latent_dataset_split_over_hosts_checkpoints_and_reports_bad_caches(tmp_path):
+    planes = _write_cache(tmp_path)
+    seen = []
+    for host in range(2):
+        it = iter(latents.make_latent_dataset(tmp_path, 5, seed=3, process_index=host, process_count=2))
+        b = next(it)
+        assert b["xy"].shape == (5, 4, 4, 2) and b["yt"].shape == (5, 6, 4, 2) and b["xy"].dtype == np.float32
+        for i, k in enumerate(b["clip"]):
+            for z, want in zip((b["xy"], b["yt"], b["xt"]), planes[int(k)]):
+                np.testing.assert_array_equal(z[i], want)
+            assert b["label"][i] == k % 3
+        seen += b["clip"].tolist()
+    assert sorted(seen) == list(range(10))  # one epoch: each host its half, no overlap
+
+    it = iter(latents.make_latent_dataset(tmp_path, 3, seed=3, process_index=0, process_count=1))
+    next(it), next(it)
+    state = it.get_state()
+    expected = [next(it)["clip"].tolist() for _ in range(4)]  # crosses the epoch boundary
+    again = iter(latents.make_latent_dataset(tmp_path, 3, seed=3, process_index=0, process_count=1))
+    again.set_state(state)
+    assert [next(again)["clip"].tolist() for _ in range(4)] == expected
+
+    sampled = list(latents.make_sampled_latents(tmp_path, 7, 4, seed=1, process_index=0, process_count=1))
+    assert [len(b["clip"]) for b in sampled] == [4, 3]
+
+    (tmp_path / "metadata.json").unlink()
+    with pytest.raises(DataError, match="did not finish: run the same command again"):
+        latents.make_latent_dataset(tmp_path, 2, process_index=0, process_count=1)
+    with pytest.raises(DataError, match="not a latent cache"):
+        latents.LatentSource(tmp_path / "nothing")
+    meta = json.loads((tmp_path / "spec.json").read_text())
+    (tmp_path / "metadata.json").write_text(json.dumps(dict(meta, plane_shapes=[[4, 4, 2], [6, 4, 3], [6, 4, 2]])))
+    with pytest.raises(DataError, match=r"plane yt is \(6, 4, 2\), metadata.json says \(6, 4, 3\)"):
+        next(iter(latents.make_latent_dataset(tmp_path, 2, process_index=0, process_count=1)))
+    (tmp_path / latents.shard_name(1, 2)).unlink()
+    with pytest.raises(DataError, match="1 of 2 shards are missing"):
+        latents.LatentSource(tmp_path)
+
+
+def _cache_config(tokenizer_dir, **overrides):
+    config = sit.get_config("tiny")
+    with config.unlocked():
+        config.tokenizer = str(tokenizer_dir)
+        config.batch_size = 8
+        for k, v in overrides.items():
+            config[k] = v
+    return config
+
+
+@pytest.fixture(scope="module")
+def cache(tokenizer_dir, tmp_path_factory):
+    """12 tiny clips encoded into 3 shards (batch 8 over the 8 devices: one full and one padded batch)."""
+    from coordtok_jax.data.encode_latents import encode_latents
+
+    out = tmp_path_factory.mktemp("cache")
+    meta = encode_latents(_cache_config(tokenizer_dir), str(out), num_clips=12, num_shards=3, progress=False)
+    return out, meta
+
+
+def test_encode_latents_equals_direct_encoding_resumes_and_refuses(cache, tokenizer_dir):
+    from coordtok_jax.data.encode_latents import encode_latents
+    from coordtok_jax.data.pipeline import ClipLoader
+    from coordtok_jax.data.sources import make_source
+    from coordtok_jax.train_sit import frozen_tokenizer
+
+    out, meta = cache
+    config = _cache_config(tokenizer_dir)
+    assert meta["num_clips"] == 12 and meta["clips_per_shard"] == [4, 4, 4] and meta["encoded_this_run"] == 12
+    assert meta["tokenizer"] == str(tokenizer_dir) and meta["tokenizer_step"] == 5
+    assert meta["plane_shapes"] == [[8, 8, 8], [8, 8, 8], [8, 8, 8]]
+    source = latents.LatentSource(out)
+    records = [source[i] for i in range(len(source))]
+    assert [int(r["clip"]) for r in records] == list(range(12))  # shards hold contiguous clip ranges, in order
+
+    # the cached planes are the tokenizer's encoding of training clip k (record k % n, window by (seed, k))
+    tok = frozen_tokenizer(config, None)
+    data = make_source(config.data, tok.geometry.video_shape, train=True)
+    loader = ClipLoader(data, config.data.seed, 0)
+    for k in (0, 5, 11):
+        clip = loader(k, k % len(data))
+        direct = tok.encode(tok.params, clip["video"][None], np.asarray([clip["n_frames"]], np.int32))
+        for name, z in zip(latents.PLANES, direct):
+            np.testing.assert_allclose(records[k][name], np.asarray(z)[0], rtol=1e-5, atol=1e-6)
+        assert records[k]["label"] == clip["label"]
+
+    with pytest.raises(FileExistsError, match="already holds a complete latent cache"):
+        encode_latents(config, str(out), num_clips=12, num_shards=3, progress=False)
+
+    # a crash after the first shards: only the missing shard is encoded again, to the same records
+    before = (out / latents.shard_name(1, 3)).read_bytes()
+    (out / latents.shard_name(1, 3)).unlink()
+    (out / "metadata.json").unlink()
+    with pytest.raises(FileExistsError, match=r"num_clips: cache has 12, this run 16"):
+        encode_latents(config, str(out), num_clips=16, num_shards=3, progress=False)
+    again = encode_latents(config, str(out), num_clips=12, num_shards=3, progress=False)
+    assert again["encoded_this_run"] == 4
+    assert (out / latents.shard_name(1, 3)).read_bytes() == before
+    assert not list(out.glob("*.tmp"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_encode_latents_two_processes_write_their_shards(cache, tokenizer_dir, tmp_path):
+    """jax.distributed over 2 processes x 2 devices: each process writes its own shards; the
+    cache equals the single-process one."""
+    single, _ = cache
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "coordtok_jax.data.encode_latents", "--config=configs/sit.py:tiny",
+             f"--config.tokenizer={tokenizer_dir}", f"--output={tmp_path}", "--num_clips=12", "--num_shards=4",
+             "--batch=4"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "wrote 12 clips' latents" in outputs[0][0]
+    meta = latents.read_metadata(tmp_path)
+    assert meta["num_shards"] == 4 and meta["clips_per_shard"] == [3, 3, 3, 3]
+    a, b = latents.LatentSource(single), latents.LatentSource(tmp_path)
+    for i in range(12):
+        ra, rb = a[i], b[i]
+        assert int(ra["clip"]) == int(rb["clip"]) == i
+        for name in latents.PLANES:
+            np.testing.assert_allclose(rb[name], ra[name], rtol=1e-5, atol=1e-6)
+
+
+def test_train_sit_from_the_cache_with_sampling_eval(cache, tmp_path):
+    from coordtok_jax.train_sit import train_sit
+
+    out, meta = cache
+    config = sit.get_config("tiny")
+    with config.unlocked():
+        config.latents = str(out)
+        config.mesh.shape = (-1, 1)
+        config.batch_size = 8
+        config.stats_num_clips = 12
+        config.total_steps, config.log_every, config.save_every = 3, 1, 3
+        config.eval_every, config.eval_num_videos, config.eval_sampler_steps = 3, 2, 2
+        config.data.source = "folder"  # replaced by the cache's data config
+    summary = train_sit(config, str(tmp_path))
+    assert summary["last_step"] == 3 and np.isfinite(summary["loss"])
+    assert np.isfinite(summary["eval_sample_latent_std"]) and summary["eval_sample_latent_std"] > 0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["tokenizer"] == meta["tokenizer"] and saved["data"] == meta["data"]
+    stats = json.loads((tmp_path / "latent_stats.json").read_text())
+    assert stats["count"][0] == 12 * 8 * 8  # 12 cached clips x the 8x8 xy plane
+    from PIL import Image
+
+    gif = Image.open(tmp_path / "samples" / "step_3.gif")
+    assert gif.n_frames == 16 and gif.size == (64, 32)  # 2 videos side by side
