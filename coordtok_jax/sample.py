@@ -143,14 +143,26 @@ def make_generator(config, graphdef, buffers, tok_graphdef, geometry, batch: int
                                diffusion_norm=s.diffusion_norm, last_step=s.last_step,
                                last_step_size=s.last_step_size)
 
+    num_classes, cfg_scale = int(config.model.num_classes), float(s.get("cfg_scale", 1.0))
+    if cfg_scale != 1.0 and (num_classes <= 1 or config.model.class_dropout_prob <= 0):
+        raise ValueError(f"config.sampler.cfg_scale={cfg_scale} needs a class-conditional SiT trained with label "
+                         f"dropout (config.model.num_classes > 1 and class_dropout_prob > 0), got num_classes="
+                         f"{num_classes}, class_dropout_prob={config.model.class_dropout_prob}")
+
     def generate(ema, tok_params, mean, std, key):
         model = nnx.merge(graphdef, ema, buffers)
         k0, k1 = jax.random.split(key)
         keys = jax.random.split(k0, 3)
         x0 = tuple(jax.random.normal(k, (batch,) + tuple(shape), jnp.float32)
                    for k, shape in zip(keys, geometry.plane_shapes))
-        y = jnp.zeros((batch,), jnp.int32)  # unconditional: every label is 0 (official)
-        planes = sample_fn(lambda x, t: tuple(model(tuple(x), t, y)), x0, k1)
+        # unconditional (official): every label is 0; class-conditional: uniformly random classes
+        y = (jax.random.randint(jax.random.fold_in(k0, 3), (batch,), 0, num_classes) if num_classes > 1
+             else jnp.zeros((batch,), jnp.int32))
+        if cfg_scale != 1.0:
+            velocity = lambda x, t: tuple(model.forward_with_cfg(tuple(x), t, y, cfg_scale))
+        else:
+            velocity = lambda x, t: tuple(model(tuple(x), t, y))
+        planes = sample_fn(velocity, x0, k1)
         spread = jnp.mean(jnp.stack([jnp.std(z) for z in planes]))
         video = decode_video(nnx.merge(tok_graphdef, tok_params), denormalize(planes, mean, std))
         return (frames_in_unit_range(video) * 255.0 + 0.5).astype(jnp.uint8), spread

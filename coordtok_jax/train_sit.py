@@ -8,13 +8,17 @@ saves of state + grain iterator + config, signals, NaN guard): mesh, frozen toke
 latent statistics, SiT state (created sharded), step, loop.
 
 * Latents are encoded on the fly by the frozen tokenizer (its latest checkpoint in
-  config.tokenizer, replicated) from the tokenizer's data pipeline.
+  config.tokenizer, replicated) from the tokenizer's data pipeline, or read from a latent cache
+  (--config.latents=DIR written by `python -m coordtok_jax.data.encode_latents`; its data config
+  and tokenizer are adopted, and the tokenizer is loaded only for the sampling evals).
 * Latent statistics (per plane and channel mean / std over config.stats_num_clips clips, pooled
   exactly over devices and hosts) are computed once, saved as WORKDIR/latent_stats.json and
   carried in the train state, so every checkpoint holds them.
 * Step: normalise the planes, the transport's flow-matching loss (official: linear path,
   velocity prediction, t ~ U[0, 1)), AdamW (lr 1e-4, no weight decay), EMA 0.9999 of the
   parameters every step (initialised to the model). Sampling uses the EMA.
+* Every config.eval_every steps: config.eval_num_videos samples from the EMA (fixed noise) ->
+  WORKDIR/samples/step_N.gif, the sampled normalised latents' std, and gFVD with config.eval_i3d.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from coordtok_jax import sharding as sharding_lib
-from coordtok_jax.data.latents import make_latent_dataset, make_sampled_latents, read_metadata
+from coordtok_jax.data.latents import DATA_IO_KEYS, make_latent_dataset, make_sampled_latents, read_metadata
 from coordtok_jax.data.pipeline import make_dataset, make_sampled_dataset
 from coordtok_jax.data.sources import DataError
 from coordtok_jax.data.video import to_model_input
@@ -114,11 +118,13 @@ def make_sit_update(graphdef, buffers, transport: Transport, tx, ema_decay: floa
 
     def update(state: SiTState, x1, y):
         key = jax.random.fold_in(state.rng, state.step)
+        drop_key = jax.random.fold_in(key, 1)  # label dropout (class_dropout_prob > 0: the CFG null class)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, buffers)
-            out = transport.training_losses(lambda xt, t, y: tuple(model(tuple(xt), t, y)), tuple(x1), key,
-                                            model_kwargs={"y": y})
+            out = transport.training_losses(
+                lambda xt, t, y: tuple(model(tuple(xt), t, y, train=True, dropout_key=drop_key)), tuple(x1), key,
+                model_kwargs={"y": y})
             return jnp.mean(out["loss"])
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -181,13 +187,14 @@ def _adopt_cache(config):
     config.json says what the SiT was trained on; checks the planes."""
     meta = read_metadata(config.latents)
     check_plane_shapes(config, meta["plane_shapes"], f"the latent cache {config.latents}")
+    io = {k: config.data[k] for k in DATA_IO_KEYS if k in config.data}  # this run's reader settings
     config = ml_collections.ConfigDict(config_to_json(config))
     if config.tokenizer and str(config.tokenizer) != meta["tokenizer"]:
         logging.warning("config.tokenizer=%s, but the cache %s was encoded by %s (step %s): sampling and evals "
                         "use config.tokenizer", config.tokenizer, config.latents, meta["tokenizer"],
                         meta["tokenizer_step"])
     config.tokenizer = config.tokenizer or meta["tokenizer"]
-    config.data = ml_collections.ConfigDict(meta["data"])
+    config.data = ml_collections.ConfigDict({**meta["data"], **io})
     return config, meta
 
 

@@ -22,12 +22,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = [(4, 4, 2), (6, 4, 2), (6, 4, 2)]
 
 
-def _write_cache(root, num_clips=10, num_shards=2, shapes=SHAPES, metadata=True):
+def _write_cache(root, num_clips=10, num_shards=2, shapes=SHAPES, metadata=True, staging=None):
     rng = np.random.default_rng(0)
     bounds = np.linspace(0, num_clips, num_shards + 1).round().astype(int)
     planes = {}
     for s in range(num_shards):
-        w = ShardWriter(root, latents.shard_name(s, num_shards))
+        w = ShardWriter(root, latents.shard_name(s, num_shards), staging)
         for k in range(bounds[s], bounds[s + 1]):
             planes[k] = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
             w.write(latents.encode_planes(planes[k], label=k % 3, clip=k))
@@ -77,6 +77,28 @@ def test_latent_dataset_split_over_hosts_checkpoints_and_reports_bad_caches(tmp_
     (tmp_path / latents.shard_name(1, 2)).unlink()
     with pytest.raises(DataError, match="1 of 2 shards are missing"):
         latents.LatentSource(tmp_path)
+
+
+@pytest.mark.gcs
+def test_latent_cache_on_gcs(tmp_path):
+    pytest.importorskip("gcp_storage_emulator")
+    import gcs_emulator
+    from etils import epath
+
+    from coordtok_jax.data.shards import is_remote, staging_dir
+
+    with gcs_emulator.running_emulator() as emu:
+        root = epath.Path(f"gs://{emu.make_bucket()}/latents")
+        staging, temporary = staging_dir(root, "test_")
+        assert is_remote(root) and temporary and not is_remote(staging)
+        planes = _write_cache(root, num_clips=6, num_shards=2, staging=staging)
+        assert sorted(p.name for p in root.iterdir()) == [latents.shard_name(0, 2), latents.shard_name(1, 2),
+                                                           "metadata.json", "spec.json"]
+        assert not list(staging.iterdir())  # staged shards were moved up
+        # a finite reader read to its end: no prefetch thread outlives the emulator
+        (b,) = list(latents.make_sampled_latents(str(root), 6, 6, seed=0, process_index=0, process_count=1))
+        for i, k in enumerate(b["clip"]):
+            np.testing.assert_array_equal(b["xt"][i], planes[int(k)][2])
 
 
 def _cache_config(tokenizer_dir, **overrides):
@@ -191,7 +213,8 @@ def test_train_sit_from_the_cache_with_sampling_eval(cache, tmp_path):
     assert summary["last_step"] == 3 and np.isfinite(summary["loss"])
     assert np.isfinite(summary["eval_sample_latent_std"]) and summary["eval_sample_latent_std"] > 0
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["tokenizer"] == meta["tokenizer"] and saved["data"] == meta["data"]
+    assert saved["tokenizer"] == meta["tokenizer"] and saved["data"]["source"] == "synthetic"
+    assert {k: v for k, v in saved["data"].items() if k not in latents.DATA_IO_KEYS} == meta["data"]
     stats = json.loads((tmp_path / "latent_stats.json").read_text())
     assert stats["count"][0] == 12 * 8 * 8  # 12 cached clips x the 8x8 xy plane
     from PIL import Image

@@ -76,6 +76,36 @@ def sit_run(tokenizer_dir, tmp_path_factory):
     return tmp_path, config, out, resumed
 
 
+def test_class_conditional_training_drops_labels_to_the_null_class():
+    """class_dropout_prob > 0: the step trains the null-class row (for classifier-free guidance);
+    the labels' own rows move too, unused rows do not."""
+    config = _tiny_sit_config()
+    with config.unlocked():
+        config.model.num_classes, config.model.class_dropout_prob = 4, 0.5
+    tx = make_optimizer(config)
+    graphdef, buffers, state, _ = create_sit_state(config, _one_device_mesh(), tx, (np.zeros((3, 8)), np.ones((3, 8))))
+    update = jax.jit(make_sit_update(graphdef, buffers, make_transport(config), tx, config.ema_decay))
+    x1 = tuple(jnp.asarray(np.random.default_rng(0).standard_normal((8, 8, 8, 8)).astype(np.float32))
+               for _ in range(3))
+    table0 = np.asarray(state.params["y_embedder"]["embedding_table"])
+    y = jnp.asarray([0, 1] * 4, jnp.int32)
+    new = state
+    for _ in range(3):  # adaLN-Zero (zero final linear and modulations): labels get gradients from step 3 on
+        new, m = update(new, x1, y)
+    moved = np.abs(np.asarray(new.params["y_embedder"]["embedding_table"]) - table0).max(axis=1)
+    assert table0.shape[0] == 5 and np.isfinite(float(m["loss"]))
+    assert moved[0] > 0 and moved[1] > 0 and moved[4] > 0  # labels 0, 1 and the null class 4
+    assert moved[2] == 0 and moved[3] == 0
+
+    from coordtok_jax.sample import make_generator
+
+    unconditional = _tiny_sit_config()
+    with unconditional.unlocked():
+        unconditional.sampler.cfg_scale = 4.0
+    with pytest.raises(ValueError, match="cfg_scale=4.0 needs a class-conditional SiT"):
+        make_generator(unconditional, graphdef, buffers, None, None, 2)
+
+
 def test_train_sit_end_to_end_with_stats_resume_and_sampling(sit_run):
     tmp_path, config, out, resumed = sit_run
     assert out["last_step"] == 4 and np.isfinite(out["loss"])

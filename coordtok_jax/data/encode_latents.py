@@ -64,12 +64,13 @@ class _LoadClip:
 
 
 def _spec(config, geometry, tok_step, source, num_clips, num_shards) -> dict:
-    from coordtok_jax.data.latents import FORMAT
+    from coordtok_jax.data.latents import DATA_IO_KEYS, FORMAT
     from coordtok_jax.train.checkpoint import config_to_json
 
+    data = {k: v for k, v in config_to_json(config.data).items() if k not in DATA_IO_KEYS}  # what, not how
     return dict(format=FORMAT, tokenizer=str(config.tokenizer), tokenizer_step=int(tok_step),
                 plane_shapes=[list(s) for s in geometry.plane_shapes], video_shape=list(geometry.video_shape),
-                data=config_to_json(config.data), source=source.name, source_records=len(source),
+                data=data, source=source.name, source_records=len(source),
                 num_clips=int(num_clips), num_shards=int(num_shards))
 
 

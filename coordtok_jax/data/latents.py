@@ -27,6 +27,9 @@ from coordtok_jax.data.pipeline import batched
 from coordtok_jax.data.sources import DataError
 
 PLANES = ("xy", "yt", "xt")
+# config.data fields that say how to read, not what: not part of a cache's identity (spec.json),
+# and a run training from a cache keeps its own.
+DATA_IO_KEYS = ("read_threads", "prefetch", "num_workers", "worker_buffer_size")
 FORMAT = "coordtok_jax latent cache v1: npz (xy, yt, xt float32 channel-last; label int32; clip int64)"
 
 
