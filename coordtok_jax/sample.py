@@ -1,8 +1,8 @@
 r"""Sample videos with a trained triplane SiT and its tokenizer.
 
     python -m coordtok_jax.sample --workdir=SIT_WORKDIR --num-videos=K --output=DIR
-        [--sampler=sde|ode] [--steps=N] [--seed=0] [--batch=8] [--step=N]
-        [--fvd --i3d=i3d_pretrained_400.pt [--fvd-clips=2048]]
+        [--sampler=sde|ode] [--steps=N] [--cfg_scale=S] [--seed=0] [--batch=8] [--step=N]
+        [--fvd --i3d=i3d_pretrained_400.pt]
 
 Loads the SiT's EMA parameters and latent statistics from its checkpoint (latest or --step) and
 the tokenizer named by its config, draws Gaussian planes, integrates them with the configured
@@ -36,6 +36,8 @@ def define_flags():
     flags.DEFINE_bool("fvd", False, "Compute gFVD against random real clips (needs --i3d).")
     flags.DEFINE_string("i3d", None, "I3D weights (i3d_pretrained_400.pt) for --fvd.")
     flags.DEFINE_integer("fps", 8, "Frame rate of the written videos.")
+    flags.DEFINE_float("cfg_scale", None, "Override config.sampler.cfg_scale (classifier-free guidance; "
+                       "class-conditional SiTs only).")
     flags.DEFINE_string("attention", None, "Tokenizer attention_impl override for decoding (e.g. chunked, cudnn).")
 
 
@@ -60,7 +62,7 @@ def load_sit(workdir: str, step: Optional[int] = None):
 def sample(workdir: str, output: str, *, num_videos: int = 8, sampler: Optional[str] = None,
            steps: Optional[int] = None, seed: int = 0, batch: int = 8, step: Optional[int] = None,
            fvd: bool = False, i3d_path: Optional[str] = None, fps: int = 8,
-           attention_impl: Optional[str] = None, progress: bool = True) -> dict:
+           attention_impl: Optional[str] = None, cfg_scale: Optional[float] = None, progress: bool = True) -> dict:
     """Generates `num_videos` videos into `output`; returns a summary (and 'gfvd' with --fvd)."""
     import jax
     from etils import epath
@@ -80,7 +82,7 @@ def sample(workdir: str, output: str, *, num_videos: int = 8, sampler: Optional[
     tokenizer, _, _ = load_tokenizer(config.tokenizer, **overrides)
     tok_graphdef, tok_params = nnx.split(tokenizer)
     generate = make_generator(config, graphdef, buffers, tok_graphdef, tokenizer.geometry, batch, mode=sampler,
-                              steps=steps)
+                              steps=steps, cfg_scale=cfg_scale)
 
     out = epath.Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,10 +125,10 @@ def write_grid_gif(videos: np.ndarray, path, fps: int) -> None:
 
 
 def make_generator(config, graphdef, buffers, tok_graphdef, geometry, batch: int, *, mode: Optional[str] = None,
-                   steps: Optional[int] = None, out_sharding=None):
+                   steps: Optional[int] = None, cfg_scale: Optional[float] = None, out_sharding=None):
     """jitted (ema, tokenizer params, latent mean, std, key) -> (uint8 videos (batch, T, H, W, 3),
     std of the sampled normalised planes): Gaussian planes integrated by config.sampler (mode /
-    steps override it), de-normalised, every frame decoded in one joint decoder pass."""
+    steps / cfg_scale override it), de-normalised, every frame decoded in one joint decoder pass."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -143,7 +145,8 @@ def make_generator(config, graphdef, buffers, tok_graphdef, geometry, batch: int
                                diffusion_norm=s.diffusion_norm, last_step=s.last_step,
                                last_step_size=s.last_step_size)
 
-    num_classes, cfg_scale = int(config.model.num_classes), float(s.get("cfg_scale", 1.0))
+    num_classes = int(config.model.num_classes)
+    cfg_scale = float(s.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale)
     if cfg_scale != 1.0 and (num_classes <= 1 or config.model.class_dropout_prob <= 0):
         raise ValueError(f"config.sampler.cfg_scale={cfg_scale} needs a class-conditional SiT trained with label "
                          f"dropout (config.model.num_classes > 1 and class_dropout_prob > 0), got num_classes="
@@ -212,7 +215,7 @@ def main(argv):
     try:
         s = sample(FLAGS.workdir, FLAGS.output, num_videos=FLAGS["num-videos"].value, sampler=FLAGS.sampler,
                    steps=FLAGS.steps, seed=FLAGS.seed, batch=FLAGS.batch, step=FLAGS.step, fvd=FLAGS.fvd,
-                   i3d_path=FLAGS.i3d, fps=FLAGS.fps, attention_impl=FLAGS.attention)
+                   i3d_path=FLAGS.i3d, fps=FLAGS.fps, attention_impl=FLAGS.attention, cfg_scale=FLAGS.cfg_scale)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
