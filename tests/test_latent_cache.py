@@ -3,22 +3,16 @@ errors), encode_latents (planes equal a direct encoding of the same clips, crash
 two processes) and train_sit from the cache with the in-loop sampling eval."""
 
 import json
-import os
-import pathlib
-import socket
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
 import sit
+from distributed import run_two_processes
 
 from coordtok_jax.data import latents
 from coordtok_jax.data.shards import ShardWriter
 from coordtok_jax.data.sources import DataError
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = [(4, 4, 2), (6, 4, 2), (6, 4, 2)]
 
 
@@ -162,29 +156,13 @@ def test_encode_latents_equals_direct_encoding_resumes_and_refuses(cache, tokeni
     assert not list(out.glob("*.tmp"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_encode_latents_two_processes_write_their_shards(cache, tokenizer_dir, tmp_path):
     """jax.distributed over 2 processes x 2 devices: each process writes its own shards; the
     cache equals the single-process one."""
     single, _ = cache
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "coordtok_jax.data.encode_latents", "--config=configs/sit.py:tiny",
-             f"--config.tokenizer={tokenizer_dir}", f"--output={tmp_path}", "--num_clips=12", "--num_shards=4",
-             "--batch=4"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = run_two_processes(["-m", "coordtok_jax.data.encode_latents", "--config=configs/sit.py:tiny",
+                                 f"--config.tokenizer={tokenizer_dir}", f"--output={tmp_path}", "--num_clips=12",
+                                 "--num_shards=4", "--batch=4"])
     assert "wrote 12 clips' latents" in outputs[0][0]
     meta = latents.read_metadata(tmp_path)
     assert meta["num_shards"] == 4 and meta["clips_per_shard"] == [3, 3, 3, 3]

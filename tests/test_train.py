@@ -4,7 +4,6 @@ a 2-process jax.distributed run on 127.0.0.1."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import coordtok
 import jax
 import numpy as np
 import pytest
+from distributed import run_two_processes
 
 from coordtok_jax.train import trainer
 from coordtok_jax.train.checkpoint import restore_params
@@ -95,26 +95,11 @@ def test_nonfinite_loss_stops_before_saving(tmp_path):
     assert all(s < bad_step for s in saved)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_and_checkpoint(tmp_path):
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "coordtok_jax.train", "--config=configs/coordtok.py:tiny", f"--workdir={tmp_path}",
-             "--config.total_steps=2", "--config.save_every=2", "--config.eval_videos=0", "--config.log_every=1",
-             "--config.mesh.shape=(2,2)"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = run_two_processes(
+        ["-m", "coordtok_jax.train", "--config=configs/coordtok.py:tiny", f"--workdir={tmp_path}",
+         "--config.total_steps=2", "--config.save_every=2", "--config.eval_videos=0", "--config.log_every=1",
+         "--config.mesh.shape=(2,2)"])
     data = sorted(os.listdir(tmp_path / "checkpoints" / "2" / "data"))
     assert [d for d in data if d.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
     assert "loss=" in outputs[0][0]  # process 0 shows the progress bar

@@ -24,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from coordtok_jax.data.pipeline import batched
+from coordtok_jax.data.shards import LazyRecords
 from coordtok_jax.data.sources import DataError
 
 PLANES = ("xy", "yt", "xt")
@@ -86,28 +87,16 @@ class LatentSource:
         missing = [p for p in self.paths if not epath.Path(p).exists()]
         if missing:
             raise DataError(f"latent cache {path}: {len(missing)} of {n} shards are missing, e.g. {missing[0]}")
-        self._source = None
-        if len(self._open()) != self.metadata["num_clips"]:
-            raise DataError(f"latent cache {path}: the shards hold {len(self._open())} records, metadata.json "
+        self._records = LazyRecords(self.paths)
+        if len(self._records) != self.metadata["num_clips"]:
+            raise DataError(f"latent cache {path}: the shards hold {len(self._records)} records, metadata.json "
                             f"says {self.metadata['num_clips']}")
-
-    def _open(self):
-        if self._source is None:
-            from array_record.python.array_record_data_source import ArrayRecordDataSource
-
-            self._source = ArrayRecordDataSource(self.paths)
-        return self._source
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_source"] = None  # reopened in each worker process
-        return state
 
     def __len__(self):
         return self.metadata["num_clips"]
 
     def __getitem__(self, i):
-        return decode_planes(self._open()[int(i)])
+        return decode_planes(self._records[i])
 
 
 class _Check:

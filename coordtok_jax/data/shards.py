@@ -1,10 +1,11 @@
-"""Writing ArrayRecord shards that never look complete before they are.
+"""ArrayRecord shards: written so that they never look complete before they are, read lazily.
 
 A `ShardWriter` writes records to a local temporary file and, on `finish()`, moves it to its
 final path: a rename for a local output, a streamed upload for gs:// (array_record cannot
 write to object stores). A writer that is aborted (or never finished) leaves no final file, so
 "the final file exists" means "the shard is whole" — what `prepare` and `encode_latents` rely
-on to resume and to refuse overwriting.
+on to resume and to refuse overwriting. `LazyRecords` is the random-access reader of a list of
+shards (local or gs://) that opens them on first use and reopens them in each worker process.
 """
 
 from __future__ import annotations
@@ -68,3 +69,27 @@ class ShardWriter:
         except Exception:  # noqa: BLE001 - the partial file is deleted either way
             pass
         self.tmp.unlink(missing_ok=True)
+
+
+class LazyRecords:
+    """Random access (len, [i] -> bytes) over ArrayRecord shards; picklable for grain workers."""
+
+    def __init__(self, paths):
+        self.paths = [str(p) for p in paths]
+        self._source = None
+
+    def _open(self):
+        if self._source is None:
+            from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+            self._source = ArrayRecordDataSource(self.paths)
+        return self._source
+
+    def __getstate__(self):
+        return {"paths": self.paths, "_source": None}  # file handles are reopened in each process
+
+    def __len__(self):
+        return len(self._open())
+
+    def __getitem__(self, i) -> bytes:
+        return self._open()[int(i)]

@@ -15,6 +15,7 @@ import numpy as np
 from etils import epath
 
 from coordtok_jax.data import records
+from coordtok_jax.data.shards import LazyRecords
 from coordtok_jax.data.synthetic import synthetic_clip
 from coordtok_jax.data.video_io import VIDEO_EXTENSIONS, decode_frames, resize_center_crop, take_window
 
@@ -129,23 +130,11 @@ class ArrayRecordSource:
         self.path = path
         self.shape = tuple(shape)
         self.paths = shard_paths(path)
-        self._source = None
-        self._len = len(self._open())
+        self._records = LazyRecords(self.paths)
+        self._len = len(self._records)
         meta = epath.Path(self.paths[0]).parent / "metadata.json"
         self.classes = json.loads(meta.read_text()).get("classes", []) if meta.exists() else []
         self.name = f"array_record({path!r}, {len(self.paths)} shards, {self._len} clips)"
-
-    def _open(self):
-        if self._source is None:
-            from array_record.python.array_record_data_source import ArrayRecordDataSource
-
-            self._source = ArrayRecordDataSource(self.paths)
-        return self._source
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_source"] = None  # reopen in each worker process
-        return state
 
     def __len__(self):
         return self._len
@@ -154,7 +143,7 @@ class ArrayRecordSource:
         return f"record {i} of {self.path}"
 
     def load(self, i, rng):
-        clip = records.decode_clip(self._open()[i])
+        clip = records.decode_clip(self._records[i])
         video, n = _fit(clip["video"], self.shape, None, rng)
         return {"video": video, "n_frames": n, "label": clip["label"]}
 
