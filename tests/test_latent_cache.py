@@ -199,3 +199,10 @@ def test_train_sit_from_the_cache_with_sampling_eval(cache, tmp_path):
 
     gif = Image.open(tmp_path / "samples" / "step_3.gif")
     assert gif.n_frames == 16 and gif.size == (64, 32)  # 2 videos side by side
+
+    from coordtok_jax.models import ConfigError
+
+    with config.unlocked():
+        config.model.in_channels = 4
+    with pytest.raises(ConfigError, match=r"latent cache .* has planes xy \(8, 8, 8\).*expects xy \(8, 8, 4\)"):
+        train_sit(config, str(tmp_path / "other"))
