@@ -21,6 +21,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from coordtok_jax import entry
+
 FLAGS = flags.FLAGS
 
 
@@ -123,8 +125,7 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)
 
 
 if __name__ == "__main__":

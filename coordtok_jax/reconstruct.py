@@ -24,6 +24,8 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from coordtok_jax import entry
+
 FLAGS = flags.FLAGS
 
 
@@ -211,8 +213,7 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 from absl import app, flags, logging
 
+from coordtok_jax import entry
+
 FLAGS = flags.FLAGS
 
 
@@ -225,8 +227,7 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)
 
 
 if __name__ == "__main__":

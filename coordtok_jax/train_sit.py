@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from coordtok_jax import entry
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.latents import DATA_IO_KEYS, make_latent_dataset, make_sampled_latents, read_metadata
 from coordtok_jax.data.pipeline import make_dataset, make_sampled_dataset
@@ -373,11 +374,8 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)
 
 
 if __name__ == "__main__":
-    define_flags()
-    flags.adopt_module_key_flags(sys.modules[__name__])
-    app.run(main)
+    run()

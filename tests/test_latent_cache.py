@@ -156,6 +156,19 @@ def test_encode_latents_equals_direct_encoding_resumes_and_refuses(cache, tokeni
     assert not list(out.glob("*.tmp"))
 
 
+def test_console_script_help_lists_the_tools_flags():
+    """pip's console-script wrapper is the main module: --help must still show the tool's usage and flags."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['/venv/bin/coordtok-encode-latents', '--help']\n"
+            "from coordtok_jax.data.encode_latents import run\nrun()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "Encode clips once with a frozen tokenizer" in out
+    for flag in ("--config:", "--output:", "--passes:", "--num_shards:", "--overwrite"):
+        assert flag in out, out[-2000:]
+
+
 def test_encode_latents_two_processes_write_their_shards(cache, tokenizer_dir, tmp_path):
     """jax.distributed over 2 processes x 2 devices: each process writes its own shards; the
     cache equals the single-process one."""

@@ -8,11 +8,8 @@ r"""Convert CoordTok checkpoints between this trainer (Orbax) and the official P
 See coordtok_jax/convert/cli.py for what each command reads and writes.
 """
 
-from absl import app, flags
-
+from coordtok_jax import entry
 from coordtok_jax.convert import cli
 
 if __name__ == "__main__":
-    cli.define_flags()
-    flags.adopt_module_key_flags(cli)  # list cli's flags under --help
-    app.run(cli.main)
+    entry.run(cli.__name__, cli.define_flags, cli.main)

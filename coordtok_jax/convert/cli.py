@@ -29,6 +29,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from coordtok_jax import entry
 from coordtok_jax.convert.coordtok import ConversionError, from_official
 from coordtok_jax.convert.torch_io import (
     official_numpy,
@@ -198,5 +199,4 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)

@@ -29,6 +29,8 @@ from typing import Optional
 import numpy as np
 from absl import app, flags, logging
 
+from coordtok_jax import entry
+
 FLAGS = flags.FLAGS
 CLIPS_PER_SHARD = 1024  # default shard size
 
@@ -251,11 +253,8 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)
 
 
 if __name__ == "__main__":
-    define_flags()
-    flags.adopt_module_key_flags(sys.modules[__name__])
-    app.run(main)
+    run()

@@ -28,6 +28,8 @@ import time
 from absl import app, flags, logging
 from etils import epath
 
+from coordtok_jax import entry
+
 FLAGS = flags.FLAGS
 
 
@@ -146,8 +148,7 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from coordtok_jax import entry
+
 FLAGS = flags.FLAGS
 
 
@@ -52,8 +54,7 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)
 
 
 if __name__ == "__main__":

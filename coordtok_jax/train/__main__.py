@@ -4,11 +4,8 @@ Re-running the same command on the same workdir resumes from its latest checkpoi
 coordtok_jax/train/trainer.py.
 """
 
-from absl import app, flags
-
+from coordtok_jax import entry
 from coordtok_jax.train import trainer
 
 if __name__ == "__main__":
-    trainer.define_flags()
-    flags.adopt_module_key_flags(trainer)  # list the trainer's flags under --help
-    app.run(trainer.main)
+    entry.run(trainer.__name__, trainer.define_flags, trainer.main)

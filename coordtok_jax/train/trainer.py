@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from coordtok_jax import entry
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.pipeline import make_dataset
 from coordtok_jax.data.sources import make_source
@@ -205,5 +206,4 @@ def main(argv):
 
 
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(__name__, define_flags, main)
