@@ -23,7 +23,6 @@ latent statistics, SiT state (created sharded), step, loop.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, Callable, NamedTuple
 
@@ -34,7 +33,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -212,12 +210,7 @@ def train_sit(config, workdir: str) -> dict:
     elif not config.tokenizer:
         raise ConfigError("config.tokenizer must name the tokenizer's workdir (a trainer run or a torch-import), "
                           "or config.latents a latent cache (coordtok_jax.data.encode_latents)")
-    workdir = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
-    loop.refuse_params_only(workdir)
+    workdir, is_main = loop.prepare_workdir(workdir, config)
 
     # --- mesh -------------------------------------------------------------------------------
     mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)

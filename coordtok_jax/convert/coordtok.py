@@ -177,6 +177,23 @@ def apply_entries(params: Mapping, entries) -> dict[str, Any]:
     return out
 
 
+def tree_from_entries(arrays: Mapping[str, Any], entries) -> dict:
+    """The inverse of `apply_entries`: {official key: array} -> our tree (float32 NumPy), per-layer
+    entries stacked along the leading axis in layer order."""
+    stacked: dict[tuple[str, ...], list] = {}
+    tree: dict = {}
+    for e in entries:
+        x = _from_official(np.asarray(arrays[e.key]).astype(np.float32, copy=False), e.kind)
+        if e.layer is None:
+            _insert(tree, e.path, np.ascontiguousarray(x))
+        else:
+            stacked.setdefault(e.path, []).append((e.layer, x))
+    for path, rows in stacked.items():
+        rows.sort(key=lambda r: r[0])
+        _insert(tree, path, np.stack([r[1] for r in rows]))
+    return tree
+
+
 def to_official(params: Mapping) -> dict[str, Any]:
     """Our parameter tree (pure dict) -> {official key: array} in the official order.
 
@@ -239,18 +256,12 @@ def check_official(arrays: Mapping[str, Any], config: Any, source: str = "state_
     if missing or unexpected or wrong or bad_dtype:
         g = validate(config)
         n_vit, n_enc, n_dec = layer_counts(config)
-        lines = [f"{source} does not match the configuration (video_shape={g.video_shape}, depths "
-                 f"ViT3D/encoder/decoder={n_vit}/{n_enc}/{n_dec}, {len(want)} tensors expected, "
-                 f"{len(arrays)} given):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("wrong shapes", wrong), ("not floating point", bad_dtype)):
-            if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines.extend(f"    {item}" for item in items)
-        hint = f"hint: {source} looks like {describe_official(arrays)}; pass the matching config"
-        lines.insert(1, hint)
-        lines.append(hint)
-        raise ConversionError("\n".join(lines))
+        raise mismatch_error(
+            f"{source} does not match the configuration (video_shape={g.video_shape}, depths "
+            f"ViT3D/encoder/decoder={n_vit}/{n_enc}/{n_dec}, {len(want)} tensors expected, {len(arrays)} given):",
+            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong),
+             ("not floating point", bad_dtype)),
+            f"hint: {source} looks like {describe_official(arrays)}; pass the matching config")
 
 
 def describe_official(arrays: Mapping[str, Any]) -> str:
@@ -270,6 +281,18 @@ def describe_official(arrays: Mapping[str, Any]) -> str:
             f"weight_tokens_xy {shape('weight_tokens_xy')}, weight_tokens_yt {shape('weight_tokens_yt')}")
 
 
+def mismatch_error(header: str, sections, hint: str) -> ConversionError:
+    """One ConversionError listing every problem: the header, the hint (first and last, so it is
+    seen however the message is cut), and each non-empty (title, items) section."""
+    lines = [header, hint]
+    for title, items in sections:
+        if items:
+            lines.append(f"  {len(items)} {title}:")
+            lines.extend(f"    {item}" for item in items)
+    lines.append(hint)
+    return ConversionError("\n".join(lines))
+
+
 def _is_float(x) -> bool:
     dtype = np.dtype(x.dtype)
     return np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16)
@@ -282,19 +305,7 @@ def from_official(arrays: Mapping[str, np.ndarray], config: Any, source: str = "
     all. Half-precision tensors are widened to float32 (exact).
     """
     check_official(arrays, config, source)
-    entries = official_entries(layer_counts(config))
-    stacked: dict[tuple[str, ...], list] = {}
-    tree: dict = {}
-    for e in entries:
-        x = _from_official(np.asarray(arrays[e.key]).astype(np.float32, copy=False), e.kind)
-        if e.layer is None:
-            _insert(tree, e.path, np.ascontiguousarray(x))
-        else:
-            stacked.setdefault(e.path, []).append((e.layer, x))
-    for path, rows in stacked.items():
-        rows.sort(key=lambda r: r[0])
-        _insert(tree, path, np.stack([r[1] for r in rows]))
-    return tree
+    return tree_from_entries(arrays, official_entries(layer_counts(config)))
 
 
 def _insert(tree: dict, path: Iterable[str], value) -> None:

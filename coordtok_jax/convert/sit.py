@@ -28,10 +28,10 @@ import numpy as np
 from coordtok_jax.convert.coordtok import (
     ConversionError,
     Entry,
-    _from_official,
-    _insert,
     _is_float,
     apply_entries,
+    mismatch_error,
+    tree_from_entries,
 )
 from coordtok_jax.models.sit import sincos_2d, validate_sit
 
@@ -136,18 +136,13 @@ def check_sit_official(arrays: Mapping[str, Any], model_config: Any, source: str
                      "(another grid, width or layout?)"]
     if missing or unexpected or wrong or bad_dtype or table:
         g = validate_sit(model_config)
-        lines = [f"{source} does not match the SiT configuration (depth={g.depth}, hidden_size={g.hidden_size}, "
-                 f"planes {g.plane_shapes}, patch {g.patch}, label rows {g.table_rows}, out_channels "
-                 f"{g.out_channels}; {len(want)} tensors expected, {len(arrays)} given):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong),
-                             ("not floating point", bad_dtype), ("wrong fixed table", table)):
-            if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines.extend(f"    {item}" for item in items)
-        hint = f"hint: {source} looks like {describe_sit(arrays)}; pass the matching config"
-        lines.insert(1, hint)
-        lines.append(hint)
-        raise ConversionError("\n".join(lines))
+        raise mismatch_error(
+            f"{source} does not match the SiT configuration (depth={g.depth}, hidden_size={g.hidden_size}, "
+            f"planes {g.plane_shapes}, patch {g.patch}, label rows {g.table_rows}, out_channels "
+            f"{g.out_channels}; {len(want)} tensors expected, {len(arrays)} given):",
+            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong),
+             ("not floating point", bad_dtype), ("wrong fixed table", table)),
+            f"hint: {source} looks like {describe_sit(arrays)}; pass the matching config")
 
 
 def sit_from_official(arrays: Mapping[str, Any], model_config: Any, source: str = "state_dict") -> dict:
@@ -155,18 +150,7 @@ def sit_from_official(arrays: Mapping[str, Any], model_config: Any, source: str 
     pos_embed_xy). Strict: every problem is listed in one ConversionError. Half precision is
     widened to float32 (exact)."""
     check_sit_official(arrays, model_config, source)
-    stacked: dict[tuple[str, ...], list] = {}
-    tree: dict = {}
-    for e in sit_official_entries(validate_sit(model_config).depth):
-        x = _from_official(np.asarray(arrays[e.key]).astype(np.float32, copy=False), e.kind)
-        if e.layer is None:
-            _insert(tree, e.path, np.ascontiguousarray(x))
-        else:
-            stacked.setdefault(e.path, []).append((e.layer, x))
-    for path, rows in stacked.items():
-        rows.sort(key=lambda r: r[0])
-        _insert(tree, path, np.stack([r[1] for r in rows]))
-    return tree
+    return tree_from_entries(arrays, sit_official_entries(validate_sit(model_config).depth))
 
 
 def unwrap_sit_checkpoint(obj: Mapping[str, Any], which: str = "ema") -> dict[str, Any]:

@@ -18,6 +18,7 @@ how to turn a host batch into global arrays) and calls `run(config, workdir, tas
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -64,6 +65,20 @@ def refuse_params_only(workdir: epath.Path) -> None:
         raise ConfigError(
             f"{workdir}/checkpoints holds parameters only (written by `coordtok_jax.convert torch-import`), "
             f"not a run to resume: start from it with --config.init_from={workdir} and a new --workdir")
+
+
+def prepare_workdir(workdir, config) -> tuple[epath.Path, bool]:
+    """(workdir, is_main): creates it and writes config.json (process 0), refuses a
+    parameters-only workdir (every process)."""
+    from coordtok_jax.train.checkpoint import config_to_json
+
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
+    refuse_params_only(workdir)
+    return workdir, is_main
 
 
 def every(step: int, period: int) -> bool:

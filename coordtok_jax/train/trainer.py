@@ -16,7 +16,6 @@ checkpoint/resume, evaluation, loop.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 
@@ -24,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -39,7 +37,7 @@ from coordtok_jax.models import ConfigError, validate
 from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.train import flops as flops_lib
 from coordtok_jax.train import loop
-from coordtok_jax.train.checkpoint import config_to_json, restore_params
+from coordtok_jax.train.checkpoint import restore_params
 from coordtok_jax.train.loop import NonFiniteLoss
 from coordtok_jax.train.state import abstract_with_shardings, create_train_state, make_optimizer
 from coordtok_jax.train.step import make_train_step
@@ -116,12 +114,7 @@ def train(config, workdir: str) -> dict:
     maybe_initialize_distributed(config.distributed)
     validate_training_config(config)
     geometry = validate(config.model)
-    workdir = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
-    loop.refuse_params_only(workdir)
+    workdir, is_main = loop.prepare_workdir(workdir, config)
     logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
 
     # --- mesh -------------------------------------------------------------------------------
