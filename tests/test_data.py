@@ -276,3 +276,59 @@ def test_prepare_to_gcs_and_read_array_record_from_gcs(tmp_path):
         local_batches = take(iter(make_dataset(data_config(source="array_record", path=str(local)), (8, 16, 16), 2,
                                                process_index=0, process_count=1)), 3)
         assert_same_batches(batches, local_batches)
+
+
+def test_load_npz_equals_np_load_without_parsing_python():
+    """Records are decoded in grain's reader threads; np.load's ast-based header parse races there
+    on CPython 3.11 (SystemError 'AST constructor recursion depth mismatch'). load_npz must give
+    what np.load gives, for every kind of array np.savez writes, without calling ast.parse."""
+    import ast
+    import io
+
+    def load_without_ast(data):
+        real, calls = ast.parse, []
+        ast.parse = lambda *a, **k: calls.append(a) or real(*a, **k)
+        try:
+            return records.load_npz(data), calls
+        finally:
+            ast.parse = real
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "video": rng.integers(0, 255, (3, 5, 4, 3), dtype=np.uint8),
+        "planes": rng.standard_normal((4, 6, 2)).astype(np.float32),
+        "big_endian": np.arange(6, dtype=">i4").reshape(2, 3),
+        "fortran": np.asfortranarray(rng.standard_normal((3, 7))),
+        "scalar": np.int64(-7),
+        "vector": np.arange(5, dtype=np.int16),
+        "empty": np.zeros((0, 4), np.float16),
+        "name": np.asarray("clip \u00fcn\u00efcode.mp4"),
+        "flags": np.array([True, False]),
+        "complex": np.array([1 + 2j], np.complex64),
+    }
+    for save in (np.savez, np.savez_compressed):
+        buf = io.BytesIO()
+        save(buf, **arrays)
+        with np.load(io.BytesIO(buf.getvalue())) as f:
+            want = {k: f[k] for k in f.files}
+        got, calls = load_without_ast(buf.getvalue())
+        assert not calls and sorted(got) == sorted(arrays)
+        for k in arrays:
+            assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+            np.testing.assert_array_equal(got[k], want[k])
+            assert got[k].flags.writeable
+
+    structured = np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", "<f8")])  # numpy's parser, under a lock
+    buf = io.BytesIO()
+    np.savez(buf, structured=structured)
+    got, calls = load_without_ast(buf.getvalue())
+    assert calls and got["structured"].dtype == structured.dtype
+    np.testing.assert_array_equal(got["structured"], structured)
+
+    buf = io.BytesIO()
+    np.savez(buf, video=arrays["video"])
+    corrupt = buf.getvalue().replace(b"(3, 5, 4, 3)", b"(3, 5, 9, 3)")
+    with pytest.raises(ValueError, match=r"not a readable .npz record .*Bad CRC-32 for file 'video.npy'"):
+        records.load_npz(corrupt)
+    with pytest.raises(ValueError, match=r"not a readable .npz record \(5 bytes\)"):
+        records.load_npz(b"hello")

@@ -24,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from coordtok_jax.data.pipeline import batched
+from coordtok_jax.data.records import load_npz
 from coordtok_jax.data.shards import LazyRecords
 from coordtok_jax.data.sources import DataError
 
@@ -53,9 +54,9 @@ def encode_planes(planes, label: int, clip: int) -> bytes:
 
 def decode_planes(data: bytes) -> dict:
     """Record bytes -> {'xy', 'yt', 'xt': float32 arrays, 'label': int32, 'clip': int64}."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as f:
-        out = {k: f[k] for k in PLANES}
-        out["label"], out["clip"] = np.int32(f["label"]), np.int64(f["clip"])
+    f = load_npz(data)
+    out = {k: f[k] for k in PLANES}
+    out["label"], out["clip"] = np.int32(f["label"]), np.int64(f["clip"])
     return out
 
 
