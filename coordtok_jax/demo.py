@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -115,13 +114,8 @@ def main(argv):
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/coordtok.py:tiny")
     logging.set_verbosity(logging.WARNING)
-    from coordtok_jax.models import ConfigError
 
-    try:
-        reconstruct(FLAGS.config, FLAGS.num_videos, FLAGS.output)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    reconstruct(FLAGS.config, FLAGS.num_videos, FLAGS.output)
 
 
 def run():

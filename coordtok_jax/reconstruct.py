@@ -16,7 +16,6 @@ windows are stitched back. Writes OUT.mp4 (reconstruction, or original | reconst
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Optional
 
@@ -195,16 +194,11 @@ def main(argv):
         raise app.UsageError("--workdir and --output are required, with --input and/or --from-tokens (see --help)")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
-    from coordtok_jax.models import ConfigError
 
-    try:
-        s = reconstruct(FLAGS.workdir, FLAGS.output, input_path=FLAGS.input, from_tokens=FLAGS["from-tokens"].value,
-                        save_tokens=FLAGS["save-tokens"].value, side_by_side=FLAGS["side-by-side"].value,
-                        mode=FLAGS.mode, points_per_call=FLAGS.points_per_call, batch=FLAGS.batch, step=FLAGS.step,
-                        max_frames=FLAGS.max_frames, fps=FLAGS.fps, attention_impl=FLAGS.attention)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    s = reconstruct(FLAGS.workdir, FLAGS.output, input_path=FLAGS.input, from_tokens=FLAGS["from-tokens"].value,
+                    save_tokens=FLAGS["save-tokens"].value, side_by_side=FLAGS["side-by-side"].value,
+                    mode=FLAGS.mode, points_per_call=FLAGS.points_per_call, batch=FLAGS.batch, step=FLAGS.step,
+                    max_frames=FLAGS.max_frames, fps=FLAGS.fps, attention_impl=FLAGS.attention)
     psnr = f", PSNR {s['psnr']:.2f} dB" if "psnr" in s else ""
     print(f"{s['frames']} frames in {s['windows']} windows: {s['tokens']} tokens "
           f"({s['tokens_per_window']} per window){psnr} ({s['seconds']:.1f} s, step {s['step']})")
@@ -213,7 +207,7 @@ def main(argv):
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    entry.run(__name__, define_flags, main, errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the generated videos vs the same number of random real clips of config.data).
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Optional
 
@@ -212,22 +211,17 @@ def main(argv):
         raise app.UsageError("--workdir and --output are required (see --help)")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
-    from coordtok_jax.models import ConfigError
 
-    try:
-        s = sample(FLAGS.workdir, FLAGS.output, num_videos=FLAGS["num-videos"].value, sampler=FLAGS.sampler,
-                   steps=FLAGS.steps, seed=FLAGS.seed, batch=FLAGS.batch, step=FLAGS.step, fvd=FLAGS.fvd,
-                   i3d_path=FLAGS.i3d, fps=FLAGS.fps, attention_impl=FLAGS.attention, cfg_scale=FLAGS.cfg_scale)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    s = sample(FLAGS.workdir, FLAGS.output, num_videos=FLAGS["num-videos"].value, sampler=FLAGS.sampler,
+               steps=FLAGS.steps, seed=FLAGS.seed, batch=FLAGS.batch, step=FLAGS.step, fvd=FLAGS.fvd,
+               i3d_path=FLAGS.i3d, fps=FLAGS.fps, attention_impl=FLAGS.attention, cfg_scale=FLAGS.cfg_scale)
     fvd = f", gFVD {s['gfvd']:.1f}" if "gfvd" in s else ""
     print(f"{s['videos']} videos {tuple(s['shape'])} from SiT step {s['step']}{fvd} ({s['seconds']:.1f} s)\n"
           f"wrote {len(s['outputs'])} mp4s and {s['grid']}")
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    entry.run(__name__, define_flags, main, errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ latent statistics, SiT state (created sharded), step, loop.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
@@ -41,7 +40,6 @@ from coordtok_jax import entry
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.latents import DATA_IO_KEYS, make_latent_dataset, make_sampled_latents, read_metadata
 from coordtok_jax.data.pipeline import make_dataset, make_sampled_dataset
-from coordtok_jax.data.sources import DataError
 from coordtok_jax.data.video import to_model_input
 from coordtok_jax.diffusion.latent_stats import LatentStats, compute_latent_stats, load_stats, normalize, save_stats
 from coordtok_jax.diffusion.transport import Transport
@@ -50,7 +48,6 @@ from coordtok_jax.models import ConfigError
 from coordtok_jax.models.sit import TriplaneSiT, validate_sit
 from coordtok_jax.train import loop
 from coordtok_jax.train.checkpoint import config_to_json
-from coordtok_jax.train.loop import NonFiniteLoss
 from coordtok_jax.train.state import opt_state_shardings, param_shardings, make_optimizer
 from coordtok_jax.train.trainer import maybe_initialize_distributed
 
@@ -359,11 +356,7 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required (see --help)")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    try:
-        train_sit(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DataError, NonFiniteLoss, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train_sit(FLAGS.config, FLAGS.workdir)
 
 
 def run():

@@ -83,6 +83,21 @@ def test_command_line_override_is_validated_before_compiling():
     assert "init (jit)" not in proc.stdout and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("tool,args,message", [
+    ("coordtok_jax.train", ["--config=configs/coordtok.py:tiny", "--config.stage=3", "--workdir={tmp}/w"],
+     "config.stage must be 1 or 2, got 3"),
+    ("coordtok_jax.train_sit", ["--config=configs/sit.py:tiny", "--config.tokenizer={tmp}/none", "--workdir={tmp}/w"],
+     "no checkpoint in {tmp}/none"),
+    ("coordtok_jax.sample", ["--workdir={tmp}/none", "--output={tmp}/out"], "no checkpoint in {tmp}/none"),
+])
+def test_cli_user_errors_exit_2_with_the_message(tool, args, message, tmp_path):
+    """entry.run: a UserError (or missing file) is one line on stderr and exit status 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", tool, *(a.format(tmp=tmp_path) for a in args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {message.format(tmp=tmp_path)}" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_help():
     proc = _demo("--help")
     assert proc.returncode in (0, 1)  # absl exits 1 after printing help

@@ -16,6 +16,7 @@ from distributed import run_two_processes
 
 from coordtok_jax.train import trainer
 from coordtok_jax.train.checkpoint import restore_params
+from coordtok_jax.train.loop import NonFiniteLoss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--config.total_steps=20", "--config.save_every=10", "--config.eval_videos=0", "--config.log_every=5"]
@@ -88,7 +89,7 @@ def test_nonfinite_loss_stops_before_saving(tmp_path):
     config = tiny(total_steps=5, save_every=1, log_every=1, eval_every=100)
     with config.unlocked():
         config.data.pad_value = float("nan")  # a padded (short) clip makes the loss NaN
-    with pytest.raises(trainer.NonFiniteLoss, match=r"non-finite loss at step \d+") as info:
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+") as info:
         trainer.train(config, str(tmp_path))
     bad_step = int(str(info.value).split("at step ")[1].split()[0])
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]

@@ -19,7 +19,6 @@ stage-2 files, and fails listing every missing, unexpected or wrongly shaped key
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import numpy as np
@@ -30,14 +29,14 @@ from etils import epath
 from ml_collections import config_flags
 
 from coordtok_jax import entry
-from coordtok_jax.convert.coordtok import ConversionError, from_official
+from coordtok_jax.convert.coordtok import from_official
 from coordtok_jax.convert.torch_io import (
     official_numpy,
     read_checkpoint,
     save_checkpoint,
     to_torch_state_dict,
 )
-from coordtok_jax.models import ConfigError, validate
+from coordtok_jax.models import validate
 from coordtok_jax.evaluate.loading import abstract_params
 from coordtok_jax.train.checkpoint import config_to_json, read_config, resolve_step, restore_params, save_params
 
@@ -165,38 +164,34 @@ def main(argv):
         logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only managers
     command = argv[1]
     t0 = time.perf_counter()
-    try:
-        if command == "torch-export":
-            if not FLAGS.workdir or not FLAGS.output:
-                raise app.UsageError("torch-export needs --workdir and --output")
-            s = torch_export(FLAGS.workdir, FLAGS.output, FLAGS.step,
-                             module_prefix=FLAGS.module_prefix, overwrite=FLAGS.overwrite)
-            print(f"wrote {s['output']}: step {s['step']}, {s['tensors']} tensors, {s['parameters']:,} parameters "
-                  f"({time.perf_counter() - t0:.1f} s)")
-        elif command == "sit-export":
-            if not FLAGS.workdir or not FLAGS.output:
-                raise app.UsageError("sit-export needs --workdir and --output")
-            s = sit_export(FLAGS.workdir, FLAGS.output, FLAGS.step, overwrite=FLAGS.overwrite)
-            print(f"wrote {s['output']}: step {s['step']}, model + ema with {s['tensors']} tensors each "
-                  f"({time.perf_counter() - t0:.1f} s)")
-        elif command == "sit-import":
-            if not FLAGS.checkpoint or FLAGS.config is None or not FLAGS.workdir:
-                raise app.UsageError("sit-import needs --checkpoint, --config (configs/sit.py:ARG) and --workdir")
-            s = sit_import(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.latent_stats, overwrite=FLAGS.overwrite)
-            print(f"wrote {s['checkpoint']}: {s['tensors']} tensors (model and ema) + latent stats "
-                  f"({time.perf_counter() - t0:.1f} s)")
-        else:
-            if not FLAGS.checkpoint or FLAGS.config is None or not FLAGS.workdir:
-                raise app.UsageError("torch-import needs --checkpoint, --config and --workdir")
-            s = torch_import(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
-            skipped = f", skipped {s['skipped']} LPIPS tensors" if s["skipped"] else ""
-            print(f"wrote {s['checkpoint']}: {s['tensors']} tensors, {s['parameters']:,} parameters{skipped} "
-                  f"({time.perf_counter() - t0:.1f} s)\n"
-                  f"start a run from it with --config.init_from={FLAGS.workdir} and a new --workdir")
-    except (ConversionError, ConfigError, FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if command == "torch-export":
+        if not FLAGS.workdir or not FLAGS.output:
+            raise app.UsageError("torch-export needs --workdir and --output")
+        s = torch_export(FLAGS.workdir, FLAGS.output, FLAGS.step,
+                         module_prefix=FLAGS.module_prefix, overwrite=FLAGS.overwrite)
+        print(f"wrote {s['output']}: step {s['step']}, {s['tensors']} tensors, {s['parameters']:,} parameters "
+              f"({time.perf_counter() - t0:.1f} s)")
+    elif command == "sit-export":
+        if not FLAGS.workdir or not FLAGS.output:
+            raise app.UsageError("sit-export needs --workdir and --output")
+        s = sit_export(FLAGS.workdir, FLAGS.output, FLAGS.step, overwrite=FLAGS.overwrite)
+        print(f"wrote {s['output']}: step {s['step']}, model + ema with {s['tensors']} tensors each "
+              f"({time.perf_counter() - t0:.1f} s)")
+    elif command == "sit-import":
+        if not FLAGS.checkpoint or FLAGS.config is None or not FLAGS.workdir:
+            raise app.UsageError("sit-import needs --checkpoint, --config (configs/sit.py:ARG) and --workdir")
+        s = sit_import(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.latent_stats, overwrite=FLAGS.overwrite)
+        print(f"wrote {s['checkpoint']}: {s['tensors']} tensors (model and ema) + latent stats "
+              f"({time.perf_counter() - t0:.1f} s)")
+    else:
+        if not FLAGS.checkpoint or FLAGS.config is None or not FLAGS.workdir:
+            raise app.UsageError("torch-import needs --checkpoint, --config and --workdir")
+        s = torch_import(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+        skipped = f", skipped {s['skipped']} LPIPS tensors" if s["skipped"] else ""
+        print(f"wrote {s['checkpoint']}: {s['tensors']} tensors, {s['parameters']:,} parameters{skipped} "
+              f"({time.perf_counter() - t0:.1f} s)\n"
+              f"start a run from it with --config.init_from={FLAGS.workdir} and a new --workdir")
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    entry.run(__name__, define_flags, main, errors=(ImportError, ValueError))

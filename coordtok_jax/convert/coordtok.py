@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from coordtok_jax.errors import UserError
 from coordtok_jax.models.config import validate
 
 # Prefixes that official checkpoint files add or carry besides the model itself.
@@ -37,7 +38,7 @@ DDP_PREFIX = "module."
 LPIPS_PREFIX = "decoder.lpips_loss."  # the frozen LPIPS net inside stage-2 files
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that does not match the configuration; the message lists every problem."""
 
 

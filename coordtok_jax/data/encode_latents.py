@@ -241,19 +241,13 @@ def main(argv):
         raise app.UsageError("--config and --output are required (see --help)")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from coordtok_jax.data.sources import DataError
-    from coordtok_jax.models import ConfigError
 
-    try:
-        encode_latents(FLAGS.config, FLAGS.output, passes=FLAGS.passes, num_clips=FLAGS.num_clips,
-                       num_shards=FLAGS.num_shards, batch_size=FLAGS.batch, overwrite=FLAGS.overwrite)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    encode_latents(FLAGS.config, FLAGS.output, passes=FLAGS.passes, num_clips=FLAGS.num_clips,
+                   num_shards=FLAGS.num_shards, batch_size=FLAGS.batch, overwrite=FLAGS.overwrite)
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    entry.run(__name__, define_flags, main, errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -139,16 +139,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.output:
         raise app.UsageError("--output is required")
-    try:
-        prepare(FLAGS.source, FLAGS.input, FLAGS.output, FLAGS["num-shards"].value, FLAGS.height, FLAGS.width,
-                FLAGS.workers, FLAGS.num_clips, FLAGS.frames, FLAGS.overwrite)
-    except (FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    prepare(FLAGS.source, FLAGS.input, FLAGS.output, FLAGS["num-shards"].value, FLAGS.height, FLAGS.width,
+            FLAGS.workers, FLAGS.num_clips, FLAGS.frames, FLAGS.overwrite)
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    entry.run(__name__, define_flags, main, errors=(ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

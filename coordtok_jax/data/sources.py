@@ -18,9 +18,10 @@ from coordtok_jax.data import records
 from coordtok_jax.data.shards import LazyRecords
 from coordtok_jax.data.synthetic import synthetic_clip
 from coordtok_jax.data.video_io import VIDEO_EXTENSIONS, decode_frames, resize_center_crop, take_window
+from coordtok_jax.errors import UserError
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data source that cannot produce clips; the message names the source and why."""
 
 

@@ -6,7 +6,6 @@ r"""Evaluate a CoordTok checkpoint (rFVD, PSNR, SSIM, LPIPS) with the paper's pr
 Writes DIR/eval_STEP.json and DIR/eval_STEP.md; see coordtok_jax/evaluate/run.py.
 """
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,22 +38,17 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
     from coordtok_jax.evaluate.run import evaluate, markdown
-    from coordtok_jax.models import ConfigError
 
-    try:
-        results = evaluate(FLAGS.workdir, config=FLAGS.config, step=FLAGS.step, num_videos=FLAGS["num-videos"].value,
-                           batch=FLAGS.batch, mode=FLAGS.mode, points_per_call=FLAGS.points_per_call,
-                           i3d_path=FLAGS.i3d, seed=FLAGS.seed, attention_impl=FLAGS.attention,
-                           output_dir=FLAGS.output_dir)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    results = evaluate(FLAGS.workdir, config=FLAGS.config, step=FLAGS.step, num_videos=FLAGS["num-videos"].value,
+                       batch=FLAGS.batch, mode=FLAGS.mode, points_per_call=FLAGS.points_per_call,
+                       i3d_path=FLAGS.i3d, seed=FLAGS.seed, attention_impl=FLAGS.attention,
+                       output_dir=FLAGS.output_dir)
     print(markdown(results))
     print(f"wrote {FLAGS.output_dir or FLAGS.workdir}/eval_{results['step']}.json")
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    entry.run(__name__, define_flags, main, errors=(ValueError,))
 
 
 if __name__ == "__main__":

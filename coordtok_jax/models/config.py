@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from coordtok_jax.errors import UserError
+
 PADDING_MASK_MODES = ("official", "exclude")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,7 +57,7 @@ MODEL_FIELDS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model configuration that cannot work; the message names the field."""
 
 

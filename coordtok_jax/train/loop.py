@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from coordtok_jax.errors import UserError
 from coordtok_jax.models import ConfigError
 from coordtok_jax.train.checkpoint import Checkpointer, is_params_only
 from coordtok_jax.train.state import abstract_with_shardings
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     pass
 
 

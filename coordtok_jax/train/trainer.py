@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +37,6 @@ from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.train import flops as flops_lib
 from coordtok_jax.train import loop
 from coordtok_jax.train.checkpoint import restore_params
-from coordtok_jax.train.loop import NonFiniteLoss
 from coordtok_jax.train.state import abstract_with_shardings, create_train_state, make_optimizer
 from coordtok_jax.train.step import make_train_step
 
@@ -191,11 +189,7 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required (see --help)")
     if not FLAGS["verbosity"].present:  # keep the progress bar readable (Orbax logs every save at INFO)
         logging.set_verbosity(logging.WARNING)
-    try:
-        train(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train(FLAGS.config, FLAGS.workdir)
 
 
 def run():
