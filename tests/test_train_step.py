@@ -95,8 +95,10 @@ def _run_steps(config, mesh, batches, steps):
     tx = make_optimizer(config)
     graphdef, state, state_sh = create_train_state(config, mesh, tx)
     geometry = validate(config.model)
-    step = jax.jit(make_train_step(graphdef, geometry, config, tx), donate_argnums=0)
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+    # as the trainer: shardings fixed in and out (else each step's new state sharding recompiles)
+    step = jax.jit(make_train_step(graphdef, geometry, config, tx), in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, None), donate_argnums=0)
     losses = []
     with jax.set_mesh(mesh):
         for i in range(steps):
