@@ -20,16 +20,6 @@ import pytest  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference"
 
-# The modules holding the minute-long tests (trainer runs, multi-mesh steps, I3D at 224x224) run
-# first: with `-n 2`, a long test drawn last keeps one worker busy while the other idles.
-LONGEST_FIRST = ("test_train.py", "test_train_step.py", "test_evaluate.py", "test_train_sit.py",
-                 "test_latent_cache.py", "test_convert_torch.py", "test_model.py", "test_config.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
-
 
 @pytest.fixture(scope="session")
 def reference_dir():
