@@ -46,6 +46,7 @@ def test_latent_dataset_split_over_hosts_checkpoints_and_reports_bad_caches(tmp_
                 np.testing.assert_array_equal(z[i], want)
             assert b["label"][i] == k % 3
         seen += b["clip"].tolist()
+        it.close()  # stops its reader threads
     assert sorted(seen) == list(range(10))  # one epoch: each host its half, no overlap
 
     it = iter(latents.make_latent_dataset(tmp_path, 3, seed=3, process_index=0, process_count=1))
@@ -55,6 +56,7 @@ def test_latent_dataset_split_over_hosts_checkpoints_and_reports_bad_caches(tmp_
     again = iter(latents.make_latent_dataset(tmp_path, 3, seed=3, process_index=0, process_count=1))
     again.set_state(state)
     assert [next(again)["clip"].tolist() for _ in range(4)] == expected
+    it.close(), again.close()  # no reader thread is left on the files damaged below
 
     sampled = list(latents.make_sampled_latents(tmp_path, 7, 4, seed=1, process_index=0, process_count=1))
     assert [len(b["clip"]) for b in sampled] == [4, 3]
@@ -66,8 +68,10 @@ def test_latent_dataset_split_over_hosts_checkpoints_and_reports_bad_caches(tmp_
         latents.LatentSource(tmp_path / "nothing")
     meta = json.loads((tmp_path / "spec.json").read_text())
     (tmp_path / "metadata.json").write_text(json.dumps(dict(meta, plane_shapes=[[4, 4, 2], [6, 4, 3], [6, 4, 2]])))
+    bad = iter(latents.make_latent_dataset(tmp_path, 2, process_index=0, process_count=1))
     with pytest.raises(DataError, match=r"plane yt is \(6, 4, 2\), metadata.json says \(6, 4, 3\)"):
-        next(iter(latents.make_latent_dataset(tmp_path, 2, process_index=0, process_count=1)))
+        next(bad)
+    bad.close()
     (tmp_path / latents.shard_name(1, 2)).unlink()
     with pytest.raises(DataError, match="1 of 2 shards are missing"):
         latents.LatentSource(tmp_path)
