@@ -19,16 +19,13 @@ checkpoint via --config.init_from).
 
 import ml_collections
 
-# Logical parameter axes -> mesh axes. 'embed' is sharded over 'fsdp' (ZeRO-3 style); the rest are
-# replicated. A tensor-parallel mesh would map 'mlp', 'qkv' and 'heads' onto its model axis.
-LOGICAL_AXIS_RULES = (
-    ("embed", "fsdp"),
-    ("mlp", None),
-    ("qkv", None),
-    ("heads", None),
-    ("norm", None),
-    ("layers", None),
-)
+from coordtok_jax import sharding
+
+# Logical axis names of parameters and activations -> mesh axes (the table and what it means:
+# coordtok_jax/sharding.py). Parameters: 'embed' over 'fsdp' (ZeRO-3), 'mlp'/'heads' over 'tensor';
+# activations: the batch over ('data', 'fsdp'), heads/MLP over 'tensor'. Override entries with
+# --config.logical_axis_rules; mesh axes the mesh lacks are ignored.
+LOGICAL_AXIS_RULES = sharding.LOGICAL_AXIS_RULES
 
 _RELEASED_LATENTS = dict(
     latent_resolution_xy=16,
@@ -196,7 +193,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     # Mesh and parameter sharding.
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.shape = (-1, 1)  # (data, fsdp); one entry may be -1 = fill with the remaining devices.
+    # (data, fsdp) or (data, fsdp, tensor); one entry may be -1 = fill with the remaining devices. The
+    # batch is split over data x fsdp chips; fsdp also splits every weight and Adam moment (ZeRO-3);
+    # tensor splits attention heads and the MLP (Megatron). See launch/README.md for each slice.
+    config.mesh.shape = (-1, 1)
     config.mesh.axes = ("data", "fsdp")
     config.logical_axis_rules = LOGICAL_AXIS_RULES
     config.distributed = "auto"  # auto: jax.distributed.initialize() on TPU VMs / when JAX_COORDINATOR_ADDRESS is set

@@ -23,6 +23,8 @@ import os
 
 import ml_collections
 
+from coordtok_jax import sharding
+
 _SIZES = {  # depth, hidden_size, num_heads
     "S/2": (12, 384, 6),
     "B/2": (12, 768, 12),
@@ -31,7 +33,6 @@ _SIZES = {  # depth, hidden_size, num_heads
     "tiny": (2, 64, 2),
 }
 
-# Logical parameter axes -> mesh axes, as configs/coordtok.py ('embed' sharded over 'fsdp').
 
 
 def _tokenizer_configs():
@@ -132,7 +133,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1)  # (data, fsdp); one entry may be -1 = fill with the remaining devices
     config.mesh.axes = ("data", "fsdp")
-    config.logical_axis_rules = _tokenizer_configs().LOGICAL_AXIS_RULES  # the same axis names
+    config.logical_axis_rules = sharding.LOGICAL_AXIS_RULES  # the same table as the tokenizer
     config.distributed = "auto"
     return config
 

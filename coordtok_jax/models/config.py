@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from coordtok_jax.errors import UserError
+from coordtok_jax.models.layers import Compute
+from coordtok_jax.sharding import freeze_rules
 
 PADDING_MASK_MODES = ("official", "exclude")
 ATTENTION_IMPLS = (None, "xla", "cudnn", "chunked")
@@ -226,3 +228,10 @@ def query_chunk(cfg: Any) -> int:
 
 def compute_dtype(cfg: Any) -> jnp.dtype:
     return jnp.dtype(_get(cfg, "dtype"))
+
+
+def make_compute(cfg: Any, axis_rules=None):
+    """The layers' Compute of a (validated) model config; `axis_rules` (e.g.
+    `sharding.rules_of(config)`) turns on the activation sharding constraints."""
+    return Compute(compute_dtype(cfg), _get(cfg, "attention_impl"), _get(cfg, "remat_policy"), query_chunk(cfg),
+                   freeze_rules(axis_rules))

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coordtok_jax.models.config import Geometry, compute_dtype, query_chunk, validate
+from coordtok_jax.models.config import Geometry, make_compute, validate
 from coordtok_jax.models.decoder import Decoder
 from coordtok_jax.models.encoder import Encoder, learned
-from coordtok_jax.models.layers import Compute
 
 
 class CoordTok(nnx.Module):
@@ -21,6 +20,9 @@ class CoordTok(nnx.Module):
       config: `config.model` of configs/coordtok.py (a ConfigDict; see models/config.py).
       rngs: `nnx.Rngs(seed)`; initialisation follows the official (PyTorch defaults, N(0, 1)
         learned tables, N(0, 1/D) decoder positional table).
+      axis_rules: logical axis rules (`sharding.rules_of(config)`): under a mesh set with
+        `jax.set_mesh`, activations are constrained to them (batch split over the data and
+        fsdp axes, heads/MLP over tensor). None: no constraints (GSPMD decides).
 
     `encode(video, n_frames)`: video (B, T, H, W, 3) in [-1, 1] (frames at or past n_frames are
     padding, -3 in the official data pipeline), n_frames (B,) or (B, 1) ints (None = all T) ->
@@ -30,10 +32,10 @@ class CoordTok(nnx.Module):
     points of a video attend to each other. Both are pure functions of their arguments.
     """
 
-    def __init__(self, config: Any, *, rngs: nnx.Rngs):
+    def __init__(self, config: Any, *, rngs: nnx.Rngs, axis_rules=None):
         self.geometry: Geometry = validate(config)
         g = self.geometry
-        compute = Compute(compute_dtype(config), config.attention_impl, config.remat_policy, query_chunk(config))
+        compute = make_compute(config, axis_rules)
         self.compute = compute
         c = g.channels
         self.weight_tokens_xy = learned(rngs, (1, g.latent_xy, g.latent_xy, c), (None,) * 4)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from coordtok_jax import sharding
 from coordtok_jax.models.config import Geometry
 from coordtok_jax.models.encoder import learned
 from coordtok_jax.models.layers import Compute, Stack, ViTBlock, dense, layer_norm
@@ -37,24 +38,29 @@ class DecoderTransformer(nnx.Module):
         self.layers = Stack(
             lambda r: ViTBlock(d, cfg.dec_num_heads, cfg.mlp_ratio, True, compute, r),
             cfg.dec_num_layers,
-            compute.remat_policy,
+            compute,
             rngs,
         )
         self.norm = layer_norm(d, 1e-5, compute, rngs)
 
     def __call__(self, features: jax.Array, coords: jax.Array) -> jax.Array:
+        pin = self.compute.constrain
         table = self.pos_embed[...]
-        table = table.reshape(-1, table.shape[-1])
-        pos = jnp.take(table, position_index(coords, self.geometry.dec_grid), axis=0)
-        x = self.patch_embed(features) + pos.astype(self.compute.dtype)
-        return self.norm(self.layers(x))
+        # the whole table on every chip (gathered like any FSDP weight), then a batch-split lookup
+        table = pin(table.reshape(-1, table.shape[-1]), (None, "activation_embed"))
+        pos = pin(jnp.take(table, position_index(coords, self.geometry.dec_grid), axis=0), sharding.BLD)
+        x = pin(self.patch_embed(features) + pos.astype(self.compute.dtype), sharding.BLD)
+        return pin(self.norm(self.layers(x)), sharding.BLD)
 
 
 class Decoder(nnx.Module):
     def __init__(self, cfg, geometry: Geometry, compute: Compute, rngs: nnx.Rngs):
         self.transformer = DecoderTransformer(cfg, geometry, compute, rngs)
         self.projector = dense(cfg.dec_embed_dim, geometry.patch_values, ("embed", None), compute, rngs)
+        self.compute = compute
 
     def __call__(self, planes, coords: jax.Array) -> jax.Array:
-        features = triplane_gather(tuple(planes), coords)
-        return self.projector(self.transformer(features, coords)).astype(jnp.float32)
+        points = ("activation_batch", "activation_length", None)
+        features = self.compute.constrain(triplane_gather(tuple(planes), coords), points)
+        out = self.projector(self.transformer(features, coords)).astype(jnp.float32)
+        return self.compute.constrain(out, points)

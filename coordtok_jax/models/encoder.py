@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from coordtok_jax import sharding
 from coordtok_jax.models.config import Geometry
 from coordtok_jax.models.layers import (
     Compute,
@@ -67,19 +68,20 @@ class ViT3D(nnx.Module):
         self.layers = Stack(
             lambda r: ViTBlock(d, cfg.enc_num_heads, cfg.mlp_ratio, False, compute, r),
             cfg.enc_patch_num_layers,
-            compute.remat_policy,
+            compute,
             rngs,
         )
         self.norm = layer_norm(d, 1e-5, compute, rngs)
 
     def __call__(self, video: jax.Array) -> jax.Array:
-        dtype = self.compute.dtype
-        x = self.patch_embed(video.astype(dtype))  # (B, T', H', W', D), t-major token order.
+        dtype, pin = self.compute.dtype, self.compute.constrain
+        video = pin(video.astype(dtype), (sharding.BATCH, None, None, None, None))
+        x = self.patch_embed(video)  # (B, T', H', W', D), t-major token order.
         b, d = x.shape[0], x.shape[-1]
-        x = x.reshape(b, -1, d) + self.pos_emb[...].astype(dtype)
+        x = pin(x.reshape(b, -1, d) + self.pos_emb[...].astype(dtype), sharding.BLD)
         cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (b, 1, d))
         x = self.layers(jnp.concatenate([cls, x], axis=1))
-        return self.norm(x[:, 1:])
+        return pin(self.norm(x[:, 1:]), sharding.BLD)
 
 
 class CrossSelfTransformer(nnx.Module):
@@ -88,7 +90,7 @@ class CrossSelfTransformer(nnx.Module):
         self.layers = Stack(
             lambda r: CrossSelfBlock(d, cfg.enc_num_heads, cfg.mlp_ratio, compute, r),
             cfg.enc_num_layers,
-            compute.remat_policy,
+            compute,
             rngs,
         )
         self.norm = layer_norm(d, 1e-6, compute, rngs)
@@ -127,12 +129,12 @@ class Encoder(nnx.Module):
 
     def __call__(self, video: jax.Array, n_frames: jax.Array, weight_tokens) -> tuple[jax.Array, ...]:
         g = self.geometry
-        dtype = self.compute.dtype
-        memory = self.encoder(video) + self.cross_pos_emb[...].astype(dtype)
+        dtype, pin = self.compute.dtype, self.compute.constrain
+        memory = pin(self.encoder(video) + self.cross_pos_emb[...].astype(dtype), sharding.BLD)
         bias, mask = memory_padding(n_frames, g, self.padding_mask)
         q = self.queries(weight_tokens)
-        q = jnp.broadcast_to(q, (memory.shape[0],) + q.shape[1:])
-        x = self.transformer(q, memory, bias, mask)
+        q = pin(jnp.broadcast_to(q, (memory.shape[0],) + q.shape[1:]), sharding.BLD)
+        x = pin(self.transformer(q, memory, bias, mask), sharding.BLD)
 
         nxy, nyt, _ = g.num_query_tokens
         heads = (
@@ -142,11 +144,8 @@ class Encoder(nnx.Module):
         )
         planes = []
         for proj, tokens, (gh, gw), (p1, p2) in heads:
-            planes.append(
-                einops.rearrange(
-                    proj(tokens).astype(jnp.float32),
-                    "b (h w) (p1 p2 c) -> b (h p1) (w p2) c",
-                    h=gh, w=gw, p1=p1, p2=p2,
-                )
-            )
+            values = pin(proj(pin(tokens, sharding.BLD)), (sharding.BATCH, "activation_length", None))
+            plane = einops.rearrange(values.astype(jnp.float32), "b (h w) (p1 p2 c) -> b (h p1) (w p2) c",
+                                     h=gh, w=gw, p1=p1, p2=p2)
+            planes.append(pin(plane, (sharding.BATCH, None, None, None)))
         return tuple(planes)

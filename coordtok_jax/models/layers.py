@@ -26,15 +26,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from coordtok_jax import sharding
+
 
 @dataclasses.dataclass(frozen=True)
 class Compute:
-    """How layers compute: dtype of activations/matmuls, attention kernel, remat policy."""
+    """How layers compute: dtype of activations/matmuls, attention kernel, remat policy, and the
+    logical axis rules their activations are constrained with (empty: no constraints)."""
 
     dtype: jnp.dtype = jnp.float32
     attention_impl: Optional[str] = None
     remat_policy: str = "none"
     query_chunk: int = 1024  # for attention_impl='chunked'
+    rules: tuple = ()
+
+    def constrain(self, x: jax.Array, names) -> jax.Array:
+        """Pins `x` to its logical names' sharding under the context mesh (see sharding.py)."""
+        return sharding.constrain(x, names, self.rules)
 
 
 def attention(q, k, v, *, bias, mask, scale, compute: Compute):
@@ -164,12 +172,19 @@ class Attention(nnx.Module):
         self.qkv = dense(dim, 3 * dim, ("embed", "qkv"), compute, rngs, use_bias=qkv_bias, kernel_init=qkv_init)
         self.proj = dense(dim, dim, ("heads", "embed"), compute, rngs, use_bias=out_bias)
 
-    def _project(self, x: jax.Array, lo: int, hi: int) -> jax.Array:
+    def _project(self, x: jax.Array, first: int, count: int) -> list[jax.Array]:
+        """x (B, N, D) -> `count` of [q, k, v] starting at `first`, each (B, N, H, hd).
+
+        One matmul with the packed kernel viewed as (D, 3, H, hd), so each projection comes out
+        per head: with heads split over 'tensor' every chip computes only its heads.
+        """
+        d, h = self.dim, self.num_heads
         dtype = self.compute.dtype
-        y = jnp.dot(x.astype(dtype), self.qkv.kernel[:, lo:hi].astype(dtype))
+        kernel = self.qkv.kernel[...].reshape(d, 3, h, d // h)[:, first:first + count]
+        y = jnp.einsum("bnd,dshk->bnshk", x.astype(dtype), kernel.astype(dtype))
         if self.qkv.bias is not None:
-            y = y + self.qkv.bias[lo:hi].astype(dtype)
-        return y
+            y = y + self.qkv.bias[...].reshape(3, h, d // h)[first:first + count].astype(dtype)
+        return [self.compute.constrain(y[:, :, i], sharding.BLHK) for i in range(count)]
 
     def __call__(
         self,
@@ -179,23 +194,23 @@ class Attention(nnx.Module):
         bias: Optional[jax.Array] = None,
         mask: Optional[jax.Array] = None,
     ) -> jax.Array:
-        d, h = self.dim, self.num_heads
         if memory is None:
-            q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+            q, k, v = self._project(x, 0, 3)
         else:
-            q = self._project(x, 0, d)
-            k, v = jnp.split(self._project(memory, d, 3 * d), 2, axis=-1)
-        split = lambda t: t.reshape(t.shape[:-1] + (h, d // h))
+            (q,) = self._project(x, 0, 1)
+            k, v = self._project(memory, 1, 2)
+        d, h = self.dim, self.num_heads
         out = attention(
-            split(q),
-            split(k),
-            split(v),
+            q,
+            k,
+            v,
             bias=None if bias is None else bias.astype(q.dtype),
             mask=mask,
             scale=(d // h) ** -0.5,
             compute=self.compute,
         )
-        return self.proj(out.reshape(out.shape[:-2] + (d,)))
+        out = self.compute.constrain(out, sharding.BLHK)
+        return self.compute.constrain(self.proj(out.reshape(out.shape[:-2] + (d,))), sharding.BLD)
 
 
 class Mlp(nnx.Module):
@@ -204,9 +219,11 @@ class Mlp(nnx.Module):
     def __init__(self, dim: int, hidden: int, compute: Compute, rngs: nnx.Rngs):
         self.fc1 = dense(dim, hidden, ("embed", "mlp"), compute, rngs)
         self.fc2 = dense(hidden, dim, ("mlp", "embed"), compute, rngs)
+        self.compute = compute
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        hidden = self.compute.constrain(jax.nn.gelu(self.fc1(x), approximate=False), sharding.BLF)
+        return self.compute.constrain(self.fc2(hidden), sharding.BLD)
 
 
 class ViTBlock(nnx.Module):
@@ -247,24 +264,32 @@ class CrossSelfBlock(nnx.Module):
 class Stack(nnx.Module):
     """`num_layers` copies of a block, parameters stacked on a leading 'layers' axis.
 
-    `__call__(x, *args)` scans the blocks over `x`; `args` are passed unchanged to every block.
+    `__call__(x, *args)` scans the blocks over `x` (B, L, D); `args` are passed unchanged to every
+    block. The carry is pinned to the residual-stream sharding at each block's entry and exit.
     """
 
-    def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, remat_policy: str, rngs: nnx.Rngs):
+    def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, compute: Compute,
+                 rngs: nnx.Rngs):
+        remat_policy = compute.remat_policy
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def create(r: nnx.Rngs) -> nnx.Module:
             return make_block(r)
 
-        self.blocks = create(rngs)
+        # nnx.vmap would turn the logical names into shardings of whatever mesh is set; shardings
+        # come from the rules (sharding.py), so the stack is built as if no mesh were set.
+        with jax.sharding.use_abstract_mesh(sharding.NO_MESH):
+            self.blocks = create(rngs)
         self.num_layers = num_layers
         self.remat_policy = remat_policy
+        self.compute = compute
 
     def __call__(self, x: jax.Array, *args) -> jax.Array:
         graphdef, state = nnx.split(self.blocks)
+        pin = lambda t: self.compute.constrain(t, sharding.BLD)  # the residual stream, batch-split
 
         def body(carry, layer_state):
-            return nnx.merge(graphdef, layer_state)(carry, *args), None
+            return pin(nnx.merge(graphdef, layer_state)(pin(carry), *args)), None
 
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy), prevent_cse=False)

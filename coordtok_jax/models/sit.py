@@ -46,13 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coordtok_jax import sharding
 from coordtok_jax.models.config import (
     ATTENTION_IMPLS,
     DTYPES,
     REMAT_POLICIES,
     ConfigError,
-    compute_dtype,
     get_field,
+    make_compute,
     positive_int,
     query_chunk,
 )
@@ -237,9 +238,11 @@ class SiTMlp(nnx.Module):
     def __init__(self, dim: int, hidden: int, compute: Compute, rngs: nnx.Rngs):
         self.fc1 = linear(dim, hidden, ("embed", "mlp"), compute, rngs)
         self.fc2 = linear(hidden, dim, ("mlp", "embed"), compute, rngs)
+        self.compute = compute
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        hidden = self.compute.constrain(jax.nn.gelu(self.fc1(x), approximate=True), sharding.BLF)
+        return self.compute.constrain(self.fc2(hidden), sharding.BLD)
 
 
 class SiTBlock(nnx.Module):
@@ -313,12 +316,12 @@ class TriplaneSiT(nnx.Module):
     t (B,) in [0, 1]; y (B,) int labels (always 0 for the unconditional official model);
     train: enables random label dropout (needs dropout_key) when class_dropout_prob > 0;
     force_drop_ids (B,): 1 = use the null class (classifier-free guidance).
+    `axis_rules`: as CoordTok's (activation sharding constraints under a mesh).
     """
 
-    def __init__(self, config: Any, *, rngs: nnx.Rngs):
+    def __init__(self, config: Any, *, rngs: nnx.Rngs, axis_rules=None):
         g = self.geometry = validate_sit(config)
-        compute = self.compute = Compute(compute_dtype(config), config.attention_impl, config.remat_policy,
-                                         query_chunk(config))
+        compute = self.compute = make_compute(config, axis_rules)
         d, c, p = g.hidden_size, g.channels, g.patch
         self.learn_sigma = bool(config.learn_sigma)
         self.pos_embed_xy = Buffer(jnp.asarray(sincos_2d(d, g.grids[0][0])[None]),
@@ -331,7 +334,7 @@ class TriplaneSiT(nnx.Module):
         self.t_embedder = TimestepEmbedder(d, compute, rngs)
         self.y_embedder = LabelEmbedder(g, config.class_dropout_prob, compute, rngs)
         self.blocks = Stack(lambda r: SiTBlock(d, g.num_heads, config.mlp_ratio, compute, r),
-                            g.depth, compute.remat_policy, rngs)
+                            g.depth, compute, rngs)
         self.final_layer_xy = FinalLayer(d, p, g.out_channels, compute, rngs)
         self.final_layer_yt = FinalLayer(d, p, g.out_channels, compute, rngs)
         self.final_layer_xt = FinalLayer(d, p, g.out_channels, compute, rngs)
@@ -359,16 +362,18 @@ class TriplaneSiT(nnx.Module):
             embed(z.astype(dtype)) + pos[...].astype(dtype) + self.type_embed[:, k][:, None].astype(dtype)
             for k, (embed, pos, z) in enumerate(zip(embedders, positions, planes))
         ]
-        x = jnp.concatenate(tokens, axis=1)
+        pin = self.compute.constrain
+        x = pin(jnp.concatenate(tokens, axis=1), sharding.BLD)
         c = self.t_embedder(jnp.reshape(t, (-1,))) + self.y_embedder(
             y, train=train, key=dropout_key, force_drop_ids=force_drop_ids)
+        c = pin(c, (sharding.BATCH, "activation_embed"))
         x = self.blocks(x, c)
 
         finals = (self.final_layer_xy, self.final_layer_yt, self.final_layer_xt)
         out, start = [], 0
         for final, grid, n in zip(finals, g.grids, g.num_tokens):
             z = unpatchify(final(x[:, start:start + n], c).astype(jnp.float32), grid, g.patch, g.out_channels)
-            out.append(z[..., :g.channels])  # learn_sigma: keep the first C channels (official chunk)
+            out.append(pin(z[..., :g.channels], (sharding.BATCH, None, None, None)))  # learn_sigma: first C
             start += n
         return tuple(out)
 
@@ -396,7 +401,7 @@ def count_sit_params(model: nnx.Module, include_buffers: bool = True) -> int:
 def sit_model_from_params(params: Mapping, config: Any) -> TriplaneSiT:
     """A TriplaneSiT holding `params` (nested dict, e.g. `sit_from_official` or a trainer's Param
     tree) without initialising random weights; a missing `pos_embed_xy` is recomputed."""
-    abstract = nnx.eval_shape(lambda: TriplaneSiT(config, rngs=nnx.Rngs(0)))
+    abstract = sharding.eval_shape(lambda: TriplaneSiT(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     tree = dict(params)
     if "pos_embed_xy" not in tree:
