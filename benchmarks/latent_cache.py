@@ -61,7 +61,7 @@ def main(argv):
     from coordtok_jax.diffusion.latent_stats import normalize
     from coordtok_jax.models.coordtok import CoordTok
     from coordtok_jax.train.state import make_optimizer
-    from coordtok_jax.train_sit import check_plane_shapes, create_sit_state, make_sit_update, make_transport
+    from coordtok_jax.train_sit import check_plane_shapes, make_sit_update, sit_state, make_transport
 
     dev = jax.devices()[0]
     B = _BATCH.value
@@ -94,7 +94,8 @@ def main(argv):
         tx = make_optimizer(config)
         c = config.model.in_channels
         mean, std = np.zeros((3, c)), np.ones((3, c))
-        graphdef, buffers, state, _ = create_sit_state(config, mesh, tx, (mean, std))
+        plan = sit_state(config, mesh, tx, (mean, std))
+        graphdef, buffers, state = plan.graphdef, plan.buffers, plan.create()
         update = make_sit_update(graphdef, buffers, make_transport(config), tx, config.ema_decay)
         y = jnp.zeros((B,), jnp.int32)
         fused = jax.jit(lambda s, tp, v, n: update(s, normalize(encode(tp, v, n), s.latent_mean, s.latent_std), y))

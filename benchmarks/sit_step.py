@@ -37,7 +37,7 @@ def main(argv):
     from coordtok_jax.diffusion.samplers import make_sample_fn
     from coordtok_jax.models.sit import validate_sit
     from coordtok_jax.train.state import make_optimizer
-    from coordtok_jax.train_sit import create_sit_state, make_sit_update, make_transport
+    from coordtok_jax.train_sit import make_sit_update, sit_state, make_transport
 
     dev = jax.devices()[0]
     print(f"device: {dev.platform} {getattr(dev, 'device_kind', '')}, jax {jax.__version__}, {_DTYPE.value}, "
@@ -54,7 +54,8 @@ def main(argv):
         mesh = sharding_lib.make_mesh((1, 1), ("data", "fsdp"), devices=[dev])
         tx = make_optimizer(config)
         c = config.model.in_channels
-        graphdef, buffers, state, _ = create_sit_state(config, mesh, tx, (np.zeros((3, c)), np.ones((3, c))))
+        plan = sit_state(config, mesh, tx, (np.zeros((3, c)), np.ones((3, c))))
+        graphdef, buffers, state = plan.graphdef, plan.buffers, plan.create()
         update = jax.jit(make_sit_update(graphdef, buffers, make_transport(config), tx, config.ema_decay),
                          donate_argnums=0)
         xy, t = config.model.latent_resolution_xy, config.model.latent_resolution_t

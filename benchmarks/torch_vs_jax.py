@@ -107,7 +107,7 @@ def main(argv):
     from coordtok_jax.data.video import to_model_input
     from coordtok_jax.models import validate
     from coordtok_jax.models.decode_video import decode_video
-    from coordtok_jax.train.state import create_train_state, make_optimizer
+    from coordtok_jax.train.state import make_optimizer, tokenizer_state
     from coordtok_jax.train.step import make_train_step
 
     dev = jax.devices()[0]
@@ -122,7 +122,8 @@ def main(argv):
         T, H, W = g.video_shape
         mesh = sharding_lib.make_mesh((1, 1), ("data", "fsdp"), devices=[dev])
         tx = make_optimizer(config)
-        graphdef, state, _ = create_train_state(config, mesh, tx)
+        plan = tokenizer_state(config, mesh, tx)
+        graphdef, state = plan.graphdef, plan.create()
         model = nnx.merge(graphdef, state.params)
         kwargs = {k: config.model[k] for k in list(torch_model.RELEASED) + ["mlp_ratio", "padding_mask"]}
         tmodel = torch_model.CoordTok(**kwargs)

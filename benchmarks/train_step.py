@@ -63,7 +63,7 @@ def main(argv):
     from coordtok_jax import sharding as sharding_lib
     from coordtok_jax.models import validate
     from coordtok_jax.train import flops as flops_lib
-    from coordtok_jax.train.state import create_train_state, make_optimizer
+    from coordtok_jax.train.state import make_optimizer, tokenizer_state
     from coordtok_jax.train.step import make_train_step
 
     dev = jax.devices()[0]
@@ -76,7 +76,8 @@ def main(argv):
         g = validate(config.model)
         mesh = sharding_lib.make_mesh((1, 1), ("data", "fsdp"), devices=[dev])
         tx = make_optimizer(config)
-        graphdef, state, _ = create_train_state(config, mesh, tx)
+        plan = tokenizer_state(config, mesh, tx)
+        graphdef, state = plan.graphdef, plan.create()
         step = jax.jit(make_train_step(graphdef, g, config, tx), donate_argnums=0)
         T, H, W = g.video_shape
         rng = np.random.default_rng(0)

@@ -5,10 +5,12 @@ r"""Train the triplane SiT on a frozen CoordTok's latents.
 
 Sections as the tokenizer trainer, whose loop it reuses (train/loop.py: resume, logging, Orbax
 saves of state + grain iterator + config, signals, NaN guard): mesh, frozen tokenizer, input,
-latent statistics, SiT state (created sharded), step, loop.
+latent statistics, SiT state (planned from abstract shapes by the shared builder, created
+sharded), step (compiled ahead of time, its per-chip memory printed as `compile` does), loop.
 
 * Latents are encoded on the fly by the frozen tokenizer (its latest checkpoint in
-  config.tokenizer, replicated) from the tokenizer's data pipeline, or read from a latent cache
+  config.tokenizer, sharded by the same rules as the SiT) from the tokenizer's data pipeline, or
+  read from a latent cache
   (--config.latents=DIR written by `python -m coordtok_jax.data.encode_latents`; its data config
   and tokenizer are adopted, and the tokenizer is loaded only for the sampling evals).
 * Latent statistics (per plane and channel mean / std over config.stats_num_clips clips, pooled
@@ -23,7 +25,7 @@ latent statistics, SiT state (created sharded), step, loop.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.struct
 import jax
@@ -33,7 +35,6 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from coordtok_jax import entry
@@ -45,11 +46,13 @@ from coordtok_jax.diffusion.latent_stats import LatentStats, compute_latent_stat
 from coordtok_jax.diffusion.transport import Transport
 from coordtok_jax.evaluate.loading import load_tokenizer
 from coordtok_jax.models import ConfigError
-from coordtok_jax.models.sit import TriplaneSiT, validate_sit
+from coordtok_jax.models.sit import PLANES, TriplaneSiT, validate_sit
+from coordtok_jax.train import flops as flops_lib
 from coordtok_jax.train import loop
+from coordtok_jax.train.aot import Program
 from coordtok_jax.train.checkpoint import config_to_json
-from coordtok_jax.train.state import opt_state_shardings, param_shardings, make_optimizer
-from coordtok_jax.train.trainer import maybe_initialize_distributed
+from coordtok_jax.train.state import StatePlan, make_optimizer, plan_state
+from coordtok_jax.train.trainer import compile_step, maybe_initialize_distributed
 
 FLAGS = flags.FLAGS
 
@@ -77,36 +80,29 @@ def make_transport(config) -> Transport:
                      train_eps=t.train_eps, sample_eps=t.sample_eps)
 
 
-def split_sit(config):
-    """(graphdef, abstract Param tree (pure dict), constant buffers state, abstract model)."""
-    build = lambda: TriplaneSiT(config.model, rngs=nnx.Rngs(config.seed))
-    abstract = nnx.eval_shape(build)
-    graphdef, params, buffers = nnx.split(abstract, nnx.Param, ...)
-    concrete = nnx.state(nnx.jit(build)(), nnx.Not(nnx.Param))  # the fixed sin-cos table
-    return graphdef, nnx.to_pure_dict(params), concrete, abstract, build
+def split_sit(config, axis_rules=None):
+    """(graphdef, abstract Param tree (pure dict), constant buffers state) of config.model, without
+    initialising the weights (the buffers, the fixed sin-cos table, are computed alone)."""
+    build = lambda: TriplaneSiT(config.model, rngs=nnx.Rngs(config.seed), axis_rules=axis_rules)
+    graphdef, params, _ = nnx.split(sharding_lib.eval_shape(build), nnx.Param, ...)
+    buffers = jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)))()  # XLA drops the weight init
+    return graphdef, nnx.to_pure_dict(params), buffers
 
 
-def create_sit_state(config, mesh, tx, stats):
-    """(graphdef, buffers, state, state_shardings), built directly in the shardings."""
-    graphdef, abstract_params, buffers, abstract, build = split_sit(config)
-    param_sh = param_shardings(abstract_params, abstract, mesh, config.logical_axis_rules)
-    mean, std = (jnp.asarray(a, jnp.float32) for a in stats)
+def sit_state(config, mesh, tx, stats=None) -> StatePlan:
+    """The SiT trainer's state plan: the shared builder (train/state.py) with the EMA (sharded like
+    the parameters) and the latent statistics (replicated; None = zeros, for `compile`)."""
+    rules = sharding_lib.rules_of(config)
+    c = config.model.in_channels
+    mean, std = (np.zeros((3, c), np.float32), np.ones((3, c), np.float32)) if stats is None else stats
 
-    def init():
-        params = nnx.to_pure_dict(nnx.state(build(), nnx.Param))
-        return SiTState(step=jnp.zeros((), jnp.int32), params=params, ema=params, opt_state=tx.init(params),
+    def make(params, opt_state):
+        return SiTState(step=jnp.zeros((), jnp.int32), params=params, ema=params, opt_state=opt_state,
                         rng=jax.random.PRNGKey(config.seed), first_nonfinite=jnp.full((), -1, jnp.int32),
-                        latent_mean=mean, latent_std=std)
+                        latent_mean=jnp.asarray(mean, jnp.float32), latent_std=jnp.asarray(std, jnp.float32))
 
-    abstract_state = jax.eval_shape(init)
-    replicated = NamedSharding(mesh, P())
-    state_sh = SiTState(
-        step=replicated, params=param_sh, ema=param_sh,
-        opt_state=opt_state_shardings(abstract_state.opt_state, abstract_params, param_sh, replicated),
-        rng=replicated, first_nonfinite=replicated, latent_mean=replicated, latent_std=replicated)
-    with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=state_sh)()
-    return graphdef, jax.device_put(buffers, replicated), state, state_sh
+    build = lambda: TriplaneSiT(config.model, rngs=nnx.Rngs(config.seed), axis_rules=rules)
+    return plan_state(build, mesh, rules, tx, make)
 
 
 def make_sit_update(graphdef, buffers, transport: Transport, tx, ema_decay: float):
@@ -155,27 +151,88 @@ def check_plane_shapes(config, plane_shapes, where: str) -> None:
 
 class FrozenTokenizer(NamedTuple):
     encode: Callable  # (params, uint8 video (B, T, H, W, 3), n_frames (B,)) -> planes (xy, yt, xt)
-    params: Any
+    params: Any  # concrete (loaded) or abstract (for `compile`), in the parameters' rule shardings
     graphdef: Any
     geometry: Any
     step: int
     config: Any  # the tokenizer's full config
 
 
-def frozen_tokenizer(config, sharding) -> FrozenTokenizer:
-    """The tokenizer named by config.tokenizer, its parameters in `sharding`."""
-    if not config.tokenizer:
-        raise ConfigError("config.tokenizer must name the tokenizer's workdir (a trainer run or a torch-import)")
-    tokenizer, tok_config, tok_step = load_tokenizer(config.tokenizer, sharding=sharding)
-    check_plane_shapes(config, tokenizer.geometry.plane_shapes, f"the tokenizer in {config.tokenizer}")
-    tok_graphdef, tok_params = nnx.split(tokenizer)
+def _frozen(graphdef, params, geometry, step, tok_config) -> FrozenTokenizer:
     pad_value = float(tok_config.data.get("pad_value", -3.0))
 
     def encode(tok_params, video, n_frames):
-        model = nnx.merge(tok_graphdef, tok_params)
+        model = nnx.merge(graphdef, tok_params)
         return model.encode(to_model_input(video, n_frames, pad_value), n_frames)
 
-    return FrozenTokenizer(encode, tok_params, tok_graphdef, tokenizer.geometry, tok_step, tok_config)
+    return FrozenTokenizer(encode, params, graphdef, geometry, step, tok_config)
+
+
+def frozen_tokenizer(config, mesh) -> FrozenTokenizer:
+    """The tokenizer named by config.tokenizer, its parameters sharded by the rules on `mesh`
+    (FSDP on a training mesh: the frozen L tokenizer costs 1/fsdp of its 3.4 GB per chip)."""
+    if not config.tokenizer:
+        raise ConfigError("config.tokenizer must name the tokenizer's workdir (a trainer run or a torch-import)")
+    rules = sharding_lib.rules_of(config)
+    tokenizer, tok_config, tok_step = load_tokenizer(config.tokenizer, mesh=mesh, rules=rules)
+    check_plane_shapes(config, tokenizer.geometry.plane_shapes, f"the tokenizer in {config.tokenizer}")
+    graphdef, params = nnx.split(tokenizer)
+    return _frozen(graphdef, params, tokenizer.geometry, tok_step, tok_config)
+
+
+def abstract_tokenizer(config, tok_config, mesh) -> FrozenTokenizer:
+    """A tokenizer of `tok_config` (its full config) with abstract parameters, for `compile`."""
+    from coordtok_jax.evaluate.loading import abstract_params
+    from coordtok_jax.models import CoordTok
+
+    rules = sharding_lib.rules_of(config)
+    model = sharding_lib.eval_shape(lambda: CoordTok(tok_config.model, rngs=nnx.Rngs(0), axis_rules=rules))
+    check_plane_shapes(config, model.geometry.plane_shapes, "the tokenizer config")
+    params = abstract_params(tok_config.model, mesh=mesh, rules=rules)
+    return _frozen(nnx.graphdef(model), params, model.geometry, 0, tok_config)
+
+
+def step_program(config, plan: StatePlan, tx, tokenizer: Optional[FrozenTokenizer]) -> Program:
+    """The SiT train step as the trainer runs it and `compile` compiles it (state donated, batch
+    split by 'activation_batch'): with a frozen tokenizer, (state, tokenizer params, {'video',
+    'n_frames', 'label'}) encoding clips on the fly; without, (state, {'xy', 'yt', 'xt', 'label'})
+    from the latent cache."""
+    mesh, rules = plan.mesh, sharding_lib.rules_of(config)
+    update = make_sit_update(plan.graphdef, plan.buffers, make_transport(config), tx, config.ema_decay)
+    b = int(config.batch_size)
+    if tokenizer is None:
+        shapes = {name: ((b,) + tuple(shape), np.float32)
+                  for name, shape in zip(PLANES, validate_sit(config.model).plane_shapes)}
+    else:
+        shapes = {"video": ((b,) + tuple(tokenizer.geometry.video_shape) + (3,), np.uint8),
+                  "n_frames": ((b,), np.int32)}
+    shapes["label"] = ((b,), np.int32)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(mesh, rules, shape))
+             for k, (shape, dtype) in shapes.items()}
+    batch_sh = {k: v.sharding for k, v in batch.items()}
+    replicated = sharding_lib.replicated(mesh)
+    flops = flops_lib.sit_train_flops_per_step(config, None if tokenizer is None else tokenizer.config.model)
+
+    if tokenizer is None:
+        def step_fn(state, batch):
+            x1 = normalize((batch["xy"], batch["yt"], batch["xt"]), state.latent_mean, state.latent_std)
+            return update(state, x1, _labels(config, batch["label"]))
+
+        jitted = jax.jit(step_fn, in_shardings=(plan.shardings, batch_sh), out_shardings=(plan.shardings, replicated),
+                         donate_argnums=0)
+        return Program("sit_train_step", jitted, (plan.abstract, batch), mesh, flops)
+
+    def step_fn(state, tok_params, batch):
+        planes = jax.lax.stop_gradient(tokenizer.encode(tok_params, batch["video"], batch["n_frames"]))
+        x1 = normalize(planes, state.latent_mean, state.latent_std)
+        return update(state, x1, _labels(config, batch["label"]))
+
+    tok_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                tokenizer.params)
+    tok_sh = jax.tree.map(lambda x: x.sharding, tok_abstract)
+    jitted = jax.jit(step_fn, in_shardings=(plan.shardings, tok_sh, batch_sh),
+                     out_shardings=(plan.shardings, replicated), donate_argnums=0)
+    return Program("sit_train_step", jitted, (plan.abstract, tok_abstract, batch), mesh, flops)
 
 
 def _adopt_cache(config):
@@ -194,46 +251,56 @@ def _adopt_cache(config):
     return config, meta
 
 
-def train_sit(config, workdir: str) -> dict:
-    # --- distributed, config, workdir -------------------------------------------------------
-    maybe_initialize_distributed(config.get("distributed", "auto"))
+def validate_sit_config(config, mesh, num_processes: int) -> None:
+    """Checks a SiT run against the mesh it will run on; ConfigError names the field."""
+    from coordtok_jax.train.trainer import check_batch
+
     validate_sit(config.model)
     if config.eval_every > 0 and config.eval_num_videos <= 0:
         raise ConfigError(f"config.eval_num_videos must be positive when config.eval_every > 0, "
                           f"got {config.eval_num_videos}")
+    check_batch(config, mesh, num_processes)
+
+
+def train_sit(config, workdir: str) -> dict:
+    # --- distributed, mesh, config, workdir -------------------------------------------------
+    maybe_initialize_distributed(config.get("distributed", "auto"))
     cache = bool(config.get("latents"))
-    if cache:
-        config, meta = _adopt_cache(config)
-    elif not config.tokenizer:
+    if not cache and not config.tokenizer:
         raise ConfigError("config.tokenizer must name the tokenizer's workdir (a trainer run or a torch-import), "
                           "or config.latents a latent cache (coordtok_jax.data.encode_latents)")
-    workdir, is_main = loop.prepare_workdir(workdir, config)
-
-    # --- mesh -------------------------------------------------------------------------------
     mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
-    batch_sharding = NamedSharding(mesh, P(tuple(config.mesh.axes)))
-    replicated = NamedSharding(mesh, P())
+    validate_sit_config(config, mesh, jax.process_count())
+    if cache:
+        config, meta = _adopt_cache(config)
+    workdir, is_main = loop.prepare_workdir(workdir, config)
+    with jax.set_mesh(mesh):
+        return _train_sit(config, workdir, is_main, mesh, cache)
+
+
+def _train_sit(config, workdir, is_main, mesh, cache: bool) -> dict:
     local_batch = config.batch_size // jax.process_count()
 
     # --- frozen tokenizer (on-the-fly encoding, and in-loop sampling evals) -----------------
     tok = None
     if not cache or config.eval_every > 0:
-        tok = frozen_tokenizer(config, replicated)
-        encode, tok_params, geometry, tok_step = tok.encode, tok.params, tok.geometry, tok.step
+        tok = frozen_tokenizer(config, mesh)
 
     # --- input: clips encoded on the fly, or the latent cache --------------------------------
     if cache:
-        keys = ("xy", "yt", "xt", "label")
         data_iter = iter(make_latent_dataset(config.latents, local_batch, seed=config.data.seed,
                                              data_options=config.data))
     else:
-        keys = ("video", "n_frames", "label")
-        data_iter = iter(make_dataset(config.data, geometry.video_shape, local_batch))
+        data_iter = iter(make_dataset(config.data, tok.geometry.video_shape, local_batch))
+    rules = sharding_lib.rules_of(config)
 
     def global_batch(local):
-        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k])) for k in keys}
+        return {k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, rules, np.shape(v)),
+                                                          np.asarray(v))
+                for k, v in local.items() if k in keys}
 
     # --- latent statistics (once per run; also carried in every checkpoint) ----------------
+    keys = ("xy", "yt", "xt", "label") if cache else ("video", "n_frames", "label")
     stats_path = workdir / "latent_stats.json"
     if stats_path.exists():
         stats = load_stats(stats_path)
@@ -241,66 +308,49 @@ def train_sit(config, workdir: str) -> dict:
         if cache:
             stats = cached_latent_statistics(config, local_batch, is_main)
         else:
-            stats = latent_statistics(config, geometry, tok_params, encode, global_batch, local_batch, replicated,
-                                      is_main)
+            stats = latent_statistics(config, tok, global_batch, local_batch, is_main)
         if is_main:
             save_stats(stats, stats_path)
             print(f"latent statistics over {stats.clips} clips -> {stats_path}")
         stats = (stats.mean, stats.std)
 
-    # --- SiT state (created sharded) and step -----------------------------------------------
+    # --- SiT state (planned from abstract shapes, created sharded), step compiled ahead ------
     tx = make_optimizer(config)
-    graphdef, buffers, state, state_sh = create_sit_state(config, mesh, tx, stats)
-    update = make_sit_update(graphdef, buffers, make_transport(config), tx, config.ema_decay)
-    batch_sh = {k: batch_sharding for k in keys}
-
-    if cache:
-        def step_fn(state, batch):
-            x1 = normalize((batch["xy"], batch["yt"], batch["xt"]), state.latent_mean, state.latent_std)
-            return update(state, x1, _labels(config, batch["label"]))
-
-        jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                         donate_argnums=0)
-        step = jitted
-    else:
-        def step_fn(state, tok_params, batch):
-            planes = jax.lax.stop_gradient(encode(tok_params, batch["video"], batch["n_frames"]))
-            x1 = normalize(planes, state.latent_mean, state.latent_std)
-            return update(state, x1, _labels(config, batch["label"]))
-
-        jitted = jax.jit(step_fn, in_shardings=(state_sh, replicated, batch_sh),
-                         out_shardings=(state_sh, replicated), donate_argnums=0)
-        step = lambda s, b: jitted(s, tok_params, b)
+    plan = sit_state(config, mesh, tx, stats)
+    program = step_program(config, plan, tx, None if cache else tok)
+    compiled = compile_step(program, is_main)
+    step = compiled if cache else (lambda s, b: compiled(s, tok.params, b))
 
     # --- evals: samples from the EMA (grid gif, sampled latent spread, gFVD) ---------------
     evaluate = None
     if config.eval_every > 0:
-        evaluate = sampling_eval(config, workdir, graphdef, buffers, tok, replicated, is_main)
+        evaluate = sampling_eval(config, workdir, plan.graphdef, plan.buffers, tok, sharding_lib.replicated(mesh),
+                                 is_main)
 
     # --- loop (train/loop.py) ---------------------------------------------------------------
     if is_main:
-        what = f"the latent cache {config.latents}" if cache else f"tokenizer {config.tokenizer} (step {tok_step})"
-        print(f"SiT {config.get('size', '')} on {what}: "
-              f"{sum(int(x.size) for x in jax.tree.leaves(state.params)):,} parameters")
-    task = loop.Task(state=state, state_sharding=state_sh, step=step, data_iter=data_iter,
-                     global_batch=global_batch, items_per_step=config.batch_size, evaluate=evaluate, counters=())
-    return loop.run(config, workdir, task)
+        what = f"the latent cache {config.latents}" if cache else f"tokenizer {config.tokenizer} (step {tok.step})"
+        n = sum(int(x.size) for x in jax.tree.leaves(plan.abstract.params))
+        print(f"SiT {config.get('size', '')} on {what}: {n:,} parameters")
+    task = loop.Task(plan=plan, step=step, data_iter=data_iter, global_batch=global_batch,
+                     items_per_step=config.batch_size, flops_per_step=program.flops, evaluate=evaluate, counters=())
+    return loop.run(config, workdir, task, peak_flops=flops_lib.peak_flops(jax.devices()[0]))
 
 
-def latent_statistics(config, geometry, tok_params, encode, global_batch, local_batch, replicated, progress):
+def latent_statistics(config, tok: FrozenTokenizer, global_batch, local_batch, progress):
     """Per plane / channel stats of the tokenizer's planes over >= config.stats_num_clips random
     training clips (whole global batches). The planes are gathered replicated, so every host
     accumulates the same global batches: the result is exact and identical on all hosts."""
     from tqdm import tqdm
 
     n_batches = max(1, -(-int(config.stats_num_clips) // config.batch_size))
-    clips = make_sampled_dataset(config.data, geometry.video_shape, n_batches * config.batch_size, local_batch,
+    clips = make_sampled_dataset(config.data, tok.geometry.video_shape, n_batches * config.batch_size, local_batch,
                                  seed=config.seed + 1, train=True)
-    enc = jax.jit(encode, out_shardings=replicated)
+    enc = jax.jit(tok.encode, out_shardings=sharding_lib.replicated(jax.sharding.get_mesh()))
     stats = LatentStats(config.model.in_channels)
     for b in tqdm(clips, total=n_batches, unit="batch", desc="latent stats", disable=not progress):
         batch = global_batch({**b, "label": np.zeros(len(b["n_frames"]), np.int32)})
-        stats.update([np.asarray(z) for z in enc(tok_params, batch["video"], batch["n_frames"])])
+        stats.update([np.asarray(z) for z in enc(tok.params, batch["video"], batch["n_frames"])])
     stats.clips = n_batches * config.batch_size
     return stats
 

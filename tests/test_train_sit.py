@@ -12,7 +12,7 @@ import sit
 
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.train.state import make_optimizer
-from coordtok_jax.train_sit import create_sit_state, make_sit_update, make_transport, train_sit
+from coordtok_jax.train_sit import make_sit_update, make_transport, sit_state, train_sit
 
 
 def _one_device_mesh():
@@ -36,7 +36,8 @@ def test_tiny_sit_loss_falls_on_fixed_latents_and_ema_updates():
     mesh = _one_device_mesh()
     tx = make_optimizer(config)
     stats = (np.zeros((3, 8)), np.ones((3, 8)))
-    graphdef, buffers, state, _ = create_sit_state(config, mesh, tx, stats)
+    plan = sit_state(config, mesh, tx, stats)
+    graphdef, buffers, state = plan.graphdef, plan.buffers, plan.create()
     update = jax.jit(make_sit_update(graphdef, buffers, make_transport(config), tx, config.ema_decay))
     rng = np.random.default_rng(0)
     # two fixed latents (each repeated 4 times): the exact velocity field is learnable
@@ -83,7 +84,8 @@ def test_class_conditional_training_drops_labels_to_the_null_class():
     with config.unlocked():
         config.model.num_classes, config.model.class_dropout_prob = 4, 0.5
     tx = make_optimizer(config)
-    graphdef, buffers, state, _ = create_sit_state(config, _one_device_mesh(), tx, (np.zeros((3, 8)), np.ones((3, 8))))
+    plan = sit_state(config, _one_device_mesh(), tx, (np.zeros((3, 8)), np.ones((3, 8))))
+    graphdef, buffers, state = plan.graphdef, plan.buffers, plan.create()
     update = jax.jit(make_sit_update(graphdef, buffers, make_transport(config), tx, config.ema_decay))
     x1 = tuple(jnp.asarray(np.random.default_rng(0).standard_normal((8, 8, 8, 8)).astype(np.float32))
                for _ in range(3))

@@ -1,4 +1,5 @@
-"""The train step's pieces: coordinate sampling, target gathering, FLOPs, sharding equivalence."""
+"""The train step's pieces: coordinate sampling, target gathering, FLOPs, gradient accumulation
+(sharding equivalence over meshes: test_fsdp.py)."""
 
 import coordtok
 import jax
@@ -9,7 +10,7 @@ import pytest
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.models import validate
 from coordtok_jax.train import flops, sampling
-from coordtok_jax.train.state import create_train_state, make_optimizer
+from coordtok_jax.train.state import make_optimizer, tokenizer_state
 from coordtok_jax.train.step import frames_from_points, make_train_step
 
 TINY = validate(coordtok.get_config("tiny").model)  # grid (16, 8, 8), patch (1, 4, 4)
@@ -91,41 +92,6 @@ def test_flops_reproduce_the_official_table():
     assert flops.train_flops_per_step(l2) / 1e12 == pytest.approx(3572.6, abs=0.05)
 
 
-def _run_steps(config, mesh, batches, steps):
-    tx = make_optimizer(config)
-    graphdef, state, state_sh = create_train_state(config, mesh, tx)
-    geometry = validate(config.model)
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
-    # as the trainer: shardings fixed in and out (else each step's new state sharding recompiles)
-    step = jax.jit(make_train_step(graphdef, geometry, config, tx), in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, None), donate_argnums=0)
-    losses = []
-    with jax.set_mesh(mesh):
-        for i in range(steps):
-            batch = {k: jax.device_put(v, batch_sh) for k, v in batches[i].items()}
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
-    return losses, jax.tree.map(np.asarray, state.params)
-
-
-def test_meshes_give_the_same_training(devices):
-    config = micro_config()
-    rng = np.random.default_rng(0)
-    batches = [{"video": rng.integers(0, 256, size=(8, 8, 16, 16, 3), dtype=np.uint8),
-                "n_frames": rng.integers(4, 9, size=(8,)).astype(np.int32)} for _ in range(3)]
-    results = {}
-    # pure data parallel (8, 1) is what every trainer test runs; here: hybrid, full FSDP, one device
-    for shape in [(4, 2), (1, 8), (1, 1)]:
-        devs = devices if np.prod(shape) == 8 else devices[:1]
-        mesh = sharding_lib.make_mesh(shape, ("data", "fsdp"), devices=devs)
-        results[shape] = _run_steps(config, mesh, batches, 3)
-    ref_losses, ref_params = results[(1, 1)]
-    for shape, (losses, params) in results.items():
-        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(shape))
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(shape))
-
-
 def test_grad_accumulation_averages_micro_batch_gradients(devices):
     import optax
 
@@ -139,7 +105,8 @@ def test_grad_accumulation_averages_micro_batch_gradients(devices):
     n_frames = jnp.asarray(rng.integers(4, 9, size=(8,)).astype(np.int32))
     mesh = sharding_lib.make_mesh((1, 1), ("data", "fsdp"), devices=devices[:1])
     tx = make_optimizer(config)
-    graphdef, state, _ = create_train_state(config, mesh, tx)
+    plan = tokenizer_state(config, mesh, tx)
+    graphdef, state = plan.graphdef, plan.create()
     params0 = jax.tree.map(jnp.array, state.params)
     geometry = validate(config.model)
     new_state, metrics = jax.jit(make_train_step(graphdef, geometry, config, tx))(

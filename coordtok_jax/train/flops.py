@@ -90,3 +90,26 @@ def peak_flops(device, override: float | None = None) -> float | None:
         if kind.startswith(prefix):
             return value
     return None
+
+
+def sit_forward_flops(sit_cfg) -> float:
+    """Forward FLOPs of the triplane SiT for one sample (same conventions as forward_flops)."""
+    from coordtok_jax.models.sit import FREQUENCY_EMBEDDING_SIZE, validate_sit
+
+    g = validate_sit(sit_cfg)
+    d, n, p, r = g.hidden_size, sum(g.num_tokens), g.patch, sit_cfg.mlp_ratio
+    block = 2.0 * n * (4 + 2 * r) * d * d + 4.0 * n * n * d + 2.0 * d * 6 * d  # + adaLN modulation
+    embed = 2.0 * n * g.channels * p * p * d
+    final = 2.0 * n * d * p * p * g.out_channels + 3 * 2.0 * d * 2 * d
+    timestep = 2.0 * (FREQUENCY_EMBEDDING_SIZE * d + d * d)
+    return g.depth * block + embed + final + timestep
+
+
+def sit_train_flops_per_step(config, tokenizer_model_cfg=None) -> float:
+    """FLOPs of one SiT optimizer step at config.batch_size: 3 x forward of the SiT, plus the
+    frozen tokenizer's encoder forward when clips are encoded on the fly (tokenizer_model_cfg)."""
+    per_sample = 3.0 * sit_forward_flops(config.model)
+    if tokenizer_model_cfg is not None:
+        fwd = forward_flops(tokenizer_model_cfg, 0)
+        per_sample += fwd["vit3d"] + fwd["cross_self"]
+    return per_sample * config.batch_size

@@ -1,11 +1,12 @@
 """The training loop shared by the tokenizer and SiT trainers: resume, steps, logging, evals,
 checkpoints, signals, the NaN guard.
 
-A trainer builds a `Task` (its state already sharded, its jitted step, its input iterator and
-how to turn a host batch into global arrays) and calls `run(config, workdir, task)`:
+A trainer builds a `Task` (its state plan, its compiled step, its input iterator and how to turn
+a host batch into global arrays) and calls `run(config, workdir, task)` under its mesh:
 
-* resume: the latest checkpoint of WORKDIR/checkpoints (state + grain iterator) if any, else
-  `task.init` (e.g. parameters from config.init_from), else the fresh state;
+* resume: the latest checkpoint of WORKDIR/checkpoints (state + grain iterator) restored into
+  the plan's shardings if any, else the fresh state created sharded, passed through `task.init`
+  (e.g. parameters from config.init_from);
 * every step: `state, metrics = task.step(state, task.global_batch(next(data_iter)))`;
 * every `log_every`: scalars to TensorBoard and the progress bar (loss, items/s, step time,
   skipped files, MFU when the device's peak is known);
@@ -32,7 +33,7 @@ from etils import epath
 from coordtok_jax.errors import UserError
 from coordtok_jax.models import ConfigError
 from coordtok_jax.train.checkpoint import Checkpointer, is_params_only
-from coordtok_jax.train.state import abstract_with_shardings
+from coordtok_jax.train.state import StatePlan
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -43,9 +44,8 @@ class NonFiniteLoss(UserError, RuntimeError):
 class Task:
     """What a trainer hands to `run`."""
 
-    state: Any  # a TrainState-like flax struct with .step and .first_nonfinite, already sharded
-    state_sharding: Any
-    step: Callable  # jitted (state, global batch) -> (state, metrics dict of scalars)
+    plan: StatePlan  # the state's structure and shardings (train/state.py): restored into, or created
+    step: Callable  # compiled (state, global batch) -> (state, metrics dict of scalars)
     data_iter: Iterator  # grain iterator (checkpointable) of host-local batches
     global_batch: Callable[[dict], dict]  # host batch -> global jax arrays
     items_per_step: int  # e.g. videos per step, for throughput
@@ -89,17 +89,18 @@ def every(step: int, period: int) -> bool:
 def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] = None) -> dict:
     """Trains until config.total_steps (or a signal); returns a summary dict."""
     is_main = jax.process_index() == 0
-    state = task.state
 
-    # --- checkpoint / resume ----------------------------------------------------------------
+    # --- checkpoint / resume (restored straight into the plan's shardings) -------------------
     ckpt = Checkpointer(str(workdir), config.keep_last, config.keep_every)
     start = ckpt.latest_step()
     if start is not None:
-        state = ckpt.restore(start, abstract_with_shardings(state, task.state_sharding), task.data_iter)
+        state = ckpt.restore(start, task.plan.abstract, task.data_iter)
         if is_main:
             print(f"resumed from {workdir}/checkpoints/{start}")
-    elif task.init is not None:
-        state = task.init(state)
+    else:
+        state = task.plan.create()
+        if task.init is not None:
+            state = task.init(state)
     first_step = int(state.step)
 
     # --- logging ----------------------------------------------------------------------------

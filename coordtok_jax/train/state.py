@@ -1,24 +1,34 @@
-"""Train state, optimizer and their shardings.
+"""Train states, the optimizer, and the one builder that creates a state already sharded.
 
-The state is a pytree of plain arrays: `params` (the model's nnx.Param tree as a nested dict),
-`opt_state` (optax), `step`, `rng` (the run's base key; step k uses fold_in(rng, k)) and
-`first_nonfinite` (the first step whose loss was NaN/Inf, -1 if none). The model's graphdef is
-kept outside. Parameters and optimizer moments get the shardings of the logical axis names.
+A state is a flax struct of plain arrays: `params` (the model's nnx.Param tree as a nested dict),
+`opt_state` (optax), `step`, `rng` (the run's base key; step k uses fold_in(rng, k)),
+`first_nonfinite` (the first step whose loss was NaN/Inf, -1 if none), plus what a trainer adds
+(the SiT's EMA and latent statistics). The model's graphdef (and its non-trainable buffers) are
+kept outside.
+
+`plan_state` works from abstract shapes only (MaxText style): it evaluates the model and the
+optimizer with `eval_shape`, gives every parameter the sharding of its logical axis names, every
+subtree shaped like the parameters (Adam's moments, an EMA) the same shardings, and everything else
+(scalars, keys, statistics) replicated. The plan's `abstract` state (ShapeDtypeStructs carrying
+their shardings) is what Orbax restores into and what ahead-of-time compilation (train/aot.py)
+lowers against, so a TPU slice's program can be compiled on a CPU host without allocating the
+model; `plan.create()` builds the state with one jitted init whose outputs land in their
+shardings, so no host ever holds an unsharded copy.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from coordtok_jax import sharding as sharding_lib
-from coordtok_jax.models import CoordTok
 
 
 @flax.struct.dataclass
@@ -52,52 +62,71 @@ def learning_rate(config, step):
     return jnp.asarray(o.learning_rate, jnp.float32)
 
 
-def param_shardings(abstract_params, model_abstract, mesh, rules):
-    """NamedSharding per parameter from the logical names carried by the abstract model."""
-    named = sharding_lib.state_shardings(nnx.state(model_abstract, nnx.Param), mesh, rules)
-    return nnx.to_pure_dict(named)
-
-
-def opt_state_shardings(opt_state, params, param_shardings, replicated):
-    """Subtrees of the optimizer state shaped like the parameters (Adam's mu and nu) take the
-    parameters' shardings; scalars such as the step count are replicated."""
+def like_params_shardings(tree, params, param_shardings, replicated):
+    """Shardings for `tree`: every subtree with the parameters' structure (the parameters, Adam's
+    mu and nu, an EMA) takes the parameters' shardings; every other leaf is replicated."""
     params_def = jax.tree.structure(params)
     is_params = lambda x: jax.tree.structure(x) == params_def
-    return jax.tree.map(lambda sub: param_shardings if is_params(sub) else replicated, opt_state, is_leaf=is_params)
+    return jax.tree.map(lambda sub: param_shardings if is_params(sub) else replicated, tree, is_leaf=is_params)
 
 
-def create_train_state(config, mesh, tx):
-    """(graphdef, state, state_shardings): the state built directly in its shardings."""
-    build = lambda: CoordTok(config.model, rngs=nnx.Rngs(config.seed))
-    model_abstract = nnx.eval_shape(build)
-    graphdef, abstract_params = nnx.split(model_abstract)
+@dataclasses.dataclass(frozen=True)
+class StatePlan:
+    """A train state described before it exists: its structure, shardings and how to build it."""
+
+    mesh: Mesh
+    graphdef: Any  # the model's nnx graphdef: nnx.merge(graphdef, params[, buffers])
+    buffers: Any  # the model's non-Param variables (concrete, replicated; None when it has none)
+    abstract: Any  # the state as ShapeDtypeStructs carrying their shardings
+    shardings: Any  # the state's NamedShardings
+    param_shardings: Any
+    init: Callable[[], Any]  # builds the state (jitted by `create`)
+
+    def create(self):
+        """The fresh state, each array created directly in its sharding."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self.init, out_shardings=self.shardings)()
+
+    def model(self, params):
+        """The nnx model holding `params` (and the buffers)."""
+        return nnx.merge(self.graphdef, params, *(() if self.buffers is None else (self.buffers,)))
+
+
+def plan_state(build: Callable[[], nnx.Module], mesh: Mesh, rules, tx: optax.GradientTransformation,
+               make_state: Callable[[Any, Any], Any]) -> StatePlan:
+    """The one state builder of both trainers.
+
+    build: () -> the model (with its rngs and axis rules); make_state(params, opt_state) -> the
+    trainer's state struct (may add fields; fields shaped like params are sharded like them).
+    """
+    model_abstract = sharding_lib.eval_shape(build)
+    graphdef, abstract_params, abstract_buffers = nnx.split(model_abstract, nnx.Param, ...)
     abstract_params = nnx.to_pure_dict(abstract_params)
-    param_sh = param_shardings(abstract_params, model_abstract, mesh, config.logical_axis_rules)
+    param_sh = nnx.to_pure_dict(sharding_lib.state_shardings(nnx.state(model_abstract, nnx.Param), mesh, rules))
+    replicated = sharding_lib.replicated(mesh)
 
     def init():
         params = nnx.to_pure_dict(nnx.state(build(), nnx.Param))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.PRNGKey(config.seed),
-            first_nonfinite=jnp.full((), -1, jnp.int32),
-        )
+        return make_state(params, tx.init(params))
 
     abstract_state = jax.eval_shape(init)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_sh = TrainState(
-        step=replicated,
-        params=param_sh,
-        opt_state=opt_state_shardings(abstract_state.opt_state, abstract_params, param_sh, replicated),
-        rng=replicated,
-        first_nonfinite=replicated,
-    )
-    with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=state_sh)()
-    return graphdef, state, state_sh
+    state_sh = like_params_shardings(abstract_state, abstract_params, param_sh, replicated)
+    buffers = None
+    if jax.tree.leaves(abstract_buffers):  # e.g. the SiT's fixed sin-cos table: a constant, computed
+        with jax.set_mesh(mesh):           # alone (XLA drops the unused parameter initialisers)
+            buffers = jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)), out_shardings=replicated)()
+    return StatePlan(mesh=mesh, graphdef=graphdef, buffers=buffers,
+                     abstract=sharding_lib.abstract(abstract_state, state_sh), shardings=state_sh,
+                     param_shardings=param_sh, init=init)
 
 
-def abstract_with_shardings(state, shardings):
-    """ShapeDtypeStructs carrying the target shardings (for Orbax restore)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+def tokenizer_state(config, mesh: Mesh, tx: optax.GradientTransformation) -> StatePlan:
+    """The CoordTok trainer's state plan (config.model, config.seed, config.logical_axis_rules)."""
+    from coordtok_jax.models import CoordTok
+
+    rules = sharding_lib.rules_of(config)
+    build = lambda: CoordTok(config.model, rngs=nnx.Rngs(config.seed), axis_rules=rules)
+    make = lambda params, opt_state: TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=jax.random.PRNGKey(config.seed),
+        first_nonfinite=jnp.full((), -1, jnp.int32))
+    return plan_state(build, mesh, rules, tx, make)

@@ -14,13 +14,20 @@ from __future__ import annotations
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.video import to_model_input
+from coordtok_jax.models import validate
 from coordtok_jax.models.patches import indices_to_coords
+from coordtok_jax.train import flops as flops_lib
 from coordtok_jax.train import sampling
-from coordtok_jax.train.state import TrainState, learning_rate
+from coordtok_jax.train.aot import Program
+from coordtok_jax.train.state import StatePlan, TrainState, learning_rate
+
+BATCH_KEYS = ("video", "n_frames", "decode_failures")
 
 
 def frames_from_points(values: jax.Array, geometry, num_frames: int) -> jax.Array:
@@ -41,6 +48,9 @@ def make_loss_fn(graphdef, geometry, config, lpips_graphdef=None):
     use_lpips = stage == 2 and config.lpips_weight > 0
     if use_lpips and lpips_graphdef is None:
         raise ValueError("config.lpips_weight > 0 needs the LPIPS network (config.lpips.vgg_path / lin_path)")
+    rules = sharding_lib.rules_of(config)
+    points = lambda x: sharding_lib.constrain(x, (sharding_lib.BATCH, "activation_length", None), rules)
+    images = lambda x: sharding_lib.constrain(x, (sharding_lib.BATCH, None, None, None), rules)
 
     def loss_fn(params, video, n_frames, key, lpips_state=None):
         k_coords, k_drop = jax.random.split(key)
@@ -49,16 +59,16 @@ def make_loss_fn(graphdef, geometry, config, lpips_graphdef=None):
         else:
             idx = sampling.sample_stage2(k_coords, n_frames, geometry, config.num_frames)
         coords = indices_to_coords(idx, geometry.dec_grid)
-        targets = sampling.gather_targets(video, idx, geometry)
+        targets = points(sampling.gather_targets(video, idx, geometry))
         model = nnx.merge(graphdef, params)
-        pred = model(to_model_input(video, n_frames, config.data.pad_value), n_frames, coords)
+        pred = points(model(to_model_input(video, n_frames, config.data.pad_value), n_frames, coords))
         l2 = jnp.mean((pred - targets) ** 2, axis=(1, 2))
         per_video = l2
         metrics = {"l2": jnp.mean(l2)}
         if use_lpips:
             lpips = nnx.merge(lpips_graphdef, lpips_state)
-            dist = lpips(frames_from_points(pred, geometry, config.num_frames),
-                         frames_from_points(targets, geometry, config.num_frames),
+            dist = lpips(images(frames_from_points(pred, geometry, config.num_frames)),
+                         images(frames_from_points(targets, geometry, config.num_frames)),
                          deterministic=not config.lpips.dropout, key=k_drop)
             lp = dist.reshape(video.shape[0], -1).sum(axis=1)
             per_video = per_video + config.lpips_weight * lp
@@ -112,3 +122,27 @@ def make_train_step(graphdef, geometry, config, tx: optax.GradientTransformation
         return new, metrics
 
     return train_step
+
+
+def step_program(config, plan: StatePlan, tx: optax.GradientTransformation, lpips=None) -> Program:
+    """The tokenizer's train step as the trainer runs it and `compile` compiles it: jitted with
+    the state's shardings in and out (the state donated), the batch split by 'activation_batch'.
+
+    lpips: None, or (graphdef, state) of the frozen LPIPS network (state concrete or abstract),
+    passed replicated. Arguments: (state, {'video', 'n_frames', 'decode_failures'}, lpips state).
+    """
+    geometry = validate(config.model)
+    mesh, rules = plan.mesh, sharding_lib.rules_of(config)
+    replicated = sharding_lib.replicated(mesh)
+    b = int(config.batch_size)
+    shapes = {"video": ((b,) + tuple(geometry.video_shape) + (3,), np.uint8), "n_frames": ((b,), np.int32),
+              "decode_failures": ((b,), np.int32)}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(mesh, rules, shape))
+             for k, (shape, dtype) in shapes.items()}
+    lpips_graphdef, lpips_state = lpips if lpips is not None else (None, None)
+    step_fn = make_train_step(plan.graphdef, geometry, config, tx, lpips_graphdef)
+    jitted = jax.jit(step_fn, in_shardings=(plan.shardings, {k: v.sharding for k, v in batch.items()}, replicated),
+                     out_shardings=(plan.shardings, replicated), donate_argnums=0)
+    lpips_abstract = None if lpips_state is None else sharding_lib.abstract(lpips_state, replicated)
+    return Program("train_step", jitted, (plan.abstract, batch, lpips_abstract), mesh,
+                   flops_lib.train_flops_per_step(config))

@@ -9,8 +9,9 @@ Re-running the same command on the same workdir resumes from its latest checkpoi
 gets config.json, checkpoints/ (Orbax), tb/ (TensorBoard) and samples/ (original | reconstruction
 mp4s and PSNR of held-out clips every eval_every steps).
 
-Sections: distributed set-up, mesh, input, model + optimizer (created sharded), step,
-checkpoint/resume, evaluation, loop.
+Sections: distributed set-up, mesh, input, model + optimizer state (planned from abstract
+shapes, created sharded), the step compiled ahead of time (its per-chip memory printed: the same
+program and line as `python -m coordtok_jax.compile`), evaluation, loop (checkpoint/resume).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from coordtok_jax import entry
@@ -34,11 +34,12 @@ from coordtok_jax.data.video import to_model_input
 from coordtok_jax.evaluate.metrics import video_psnr
 from coordtok_jax.models import ConfigError, validate
 from coordtok_jax.models.decode_video import decode_video
+from coordtok_jax.train import aot
 from coordtok_jax.train import flops as flops_lib
 from coordtok_jax.train import loop
 from coordtok_jax.train.checkpoint import restore_params
-from coordtok_jax.train.state import abstract_with_shardings, create_train_state, make_optimizer
-from coordtok_jax.train.step import make_train_step
+from coordtok_jax.train.state import make_optimizer, tokenizer_state
+from coordtok_jax.train.step import step_program
 
 FLAGS = flags.FLAGS
 
@@ -74,9 +75,11 @@ def maybe_initialize_distributed(mode: str) -> None:
         jax.distributed.initialize()
 
 
-def validate_training_config(config) -> None:
+def validate_training_config(config, mesh, num_processes: int, weights: bool = True):
+    """Checks the run against the mesh it will run on (this host's, or a TPU topology's for
+    `compile`); returns the model geometry. ConfigError names the field. weights=False: the
+    LPIPS weight files are not needed (`compile` uses the network's shapes only)."""
     geometry = validate(config.model)
-    hosts = jax.process_count()
     if config.stage not in (1, 2):
         raise ConfigError(f"config.stage must be 1 or 2, got {config.stage}")
     for name, lo in (("total_steps", 1), ("log_every", 1), ("save_every", 0), ("eval_every", 0)):
@@ -84,20 +87,58 @@ def validate_training_config(config) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             zero = " (0 = only at the last step)" if lo == 0 else ""
             raise ConfigError(f"config.{name} must be an integer >= {lo}{zero}, got {v!r}")
-    if config.batch_size % (hosts * config.grad_accum_steps):
-        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by processes ({hosts}) x "
-                          f"config.grad_accum_steps={config.grad_accum_steps}")
-    micro = config.batch_size // config.grad_accum_steps
-    if micro % jax.device_count() and micro >= jax.device_count():
-        raise ConfigError(f"config.batch_size / grad_accum_steps = {micro} must be divisible by the "
-                          f"{jax.device_count()} devices")
+    check_batch(config, mesh, num_processes)
     if config.stage == 2 and config.num_frames * geometry.dec_patch[0] > geometry.video_shape[0]:
         raise ConfigError(f"config.num_frames={config.num_frames} exceeds the clip's temporal patches")
-    if config.stage == 2 and config.lpips_weight > 0 and not (config.lpips.vgg_path and config.lpips.lin_path):
+    if weights and config.stage == 2 and config.lpips_weight > 0 and not (config.lpips.vgg_path and
+                                                                          config.lpips.lin_path):
         raise ConfigError(
             "config.lpips_weight > 0 needs the LPIPS weights: set --config.lpips.vgg_path to torchvision's "
             "vgg16 ImageNet state_dict (vgg16-397923af.pth) and --config.lpips.lin_path to the LPIPS linear "
             "layers (vgg.pth), or --config.lpips_weight=0")
+    return geometry
+
+
+def check_batch(config, mesh, num_processes: int) -> None:
+    """The global batch splits over processes, micro-batches and the mesh's batch axes."""
+    accum = int(config.get("grad_accum_steps", 1))
+    if config.batch_size % (num_processes * accum):
+        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by processes ({num_processes}) x "
+                          f"config.grad_accum_steps={accum}")
+    shards = sharding_lib.batch_shards(mesh, sharding_lib.rules_of(config))
+    micro = config.batch_size // accum
+    if micro % shards:
+        axes = dict(sharding_lib.rules_of(config))[sharding_lib.BATCH]
+        raise ConfigError(f"config.batch_size / grad_accum_steps = {micro} must be divisible by the {shards} chips "
+                          f"the batch is split over (mesh axes {axes} of config.mesh.shape={tuple(mesh.shape.values())})")
+
+
+def load_lpips_network(config, abstract: bool = False):
+    """(graphdef, state) of the frozen LPIPS network of stage 2 (None without LPIPS); abstract:
+    shapes only (for compiling without the weight files)."""
+    if not (config.stage == 2 and config.lpips_weight > 0):
+        return None
+    from coordtok_jax.models.lpips import LPIPS, load_lpips
+
+    if abstract:
+        return nnx.split(sharding_lib.eval_shape(lambda: LPIPS.random(jax.random.key(0))))
+    return nnx.split(load_lpips(config.lpips.vgg_path, config.lpips.lin_path))
+
+
+def build_step(config, mesh, *, abstract_lpips: bool = False):
+    """(plan, optimizer, step program): what `train` runs and `compile` compiles."""
+    tx = make_optimizer(config)
+    plan = tokenizer_state(config, mesh, tx)
+    return plan, tx, step_program(config, plan, tx, load_lpips_network(config, abstract_lpips))
+
+
+def compile_step(program, is_main: bool):
+    """Compiles the step ahead of time and prints its per-chip memory (the `compile` CLI's line)."""
+    compiled, seconds = aot.compile_program(program)
+    if is_main:
+        hbm = aot.device_memory_gib(jax.devices()[0])
+        print(aot.memory_line(program.name, aot.memory(compiled), hbm) + f"; compiled in {seconds:.1f} s", flush=True)
+    return compiled
 
 
 def _eval_clips(config, shape):
@@ -108,52 +149,43 @@ def _eval_clips(config, shape):
 
 
 def train(config, workdir: str) -> dict:
-    # --- distributed, config, workdir -------------------------------------------------------
+    # --- distributed, mesh, config, workdir ---------------------------------------------------
     maybe_initialize_distributed(config.distributed)
-    validate_training_config(config)
-    geometry = validate(config.model)
+    mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+    geometry = validate_training_config(config, mesh, jax.process_count())
     workdir, is_main = loop.prepare_workdir(workdir, config)
     logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
+    with jax.set_mesh(mesh):
+        return _train(config, workdir, is_main, mesh, geometry)
 
-    # --- mesh -------------------------------------------------------------------------------
-    mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
-    batch_sharding = NamedSharding(mesh, P(tuple(config.mesh.axes)))
-    replicated = NamedSharding(mesh, P())
 
+def _train(config, workdir, is_main, mesh, geometry) -> dict:
     # --- input ------------------------------------------------------------------------------
     local_batch = config.batch_size // jax.process_count()
-    dataset = make_dataset(config.data, geometry.video_shape, local_batch)
-    data_iter = iter(dataset)
+    data_iter = iter(make_dataset(config.data, geometry.video_shape, local_batch))
 
-    # --- model, optimizer, state (created sharded) ------------------------------------------
-    tx = make_optimizer(config)
-    graphdef, state, state_sh = create_train_state(config, mesh, tx)
-    lpips_graphdef = lpips_state = None
-    if config.stage == 2 and config.lpips_weight > 0:
-        from coordtok_jax.models.lpips import load_lpips
-
-        lpips_graphdef, lpips_state = nnx.split(load_lpips(config.lpips.vgg_path, config.lpips.lin_path))
-        lpips_state = jax.device_put(lpips_state, replicated)
-
-    # --- step -------------------------------------------------------------------------------
-    step_fn = make_train_step(graphdef, geometry, config, tx, lpips_graphdef)
-    batch_sh = {"video": batch_sharding, "n_frames": batch_sharding, "decode_failures": batch_sharding}
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
-                         out_shardings=(state_sh, replicated), donate_argnums=0)
+    # --- model + optimizer state plan (sharded from abstract shapes), step compiled ahead -----
+    plan, tx, program = build_step(config, mesh)
+    lpips_state = program.args[2]
+    if lpips_state is not None:
+        lpips_state = jax.device_put(load_lpips_network(config)[1], sharding_lib.replicated(mesh))
+    compiled = compile_step(program, is_main)
+    batch_sh = {k: v.sharding for k, v in program.args[1].items()}
 
     def init(fresh):  # no checkpoint in workdir yet: optionally start from another run's parameters
         if not config.init_from:
             return fresh
-        params, from_step = restore_params(config.init_from, abstract_with_shardings(fresh.params, state_sh.params))
+        params, from_step = restore_params(config.init_from, plan.abstract.params)
         if is_main:
             print(f"initialised parameters from {config.init_from} (step {from_step}); fresh optimizer")
         return fresh.replace(params=params)  # fresh optimizer (official stage 2)
 
-    # --- evaluation -------------------------------------------------------------------------
+    # --- evaluation: every patch of held-out clips, batch split over the mesh ----------------
     eval_frames, eval_n = _eval_clips(config, geometry.video_shape) if config.eval_videos > 0 else (None, None)
+    replicated = sharding_lib.replicated(mesh)
 
     def _eval(params, frames, n):
-        model = nnx.merge(graphdef, params)
+        model = plan.model(params)
         planes = model.encode(to_model_input(frames, n, config.data.pad_value), n)
         video = decode_video(model, planes, points_per_call=config.eval_points_per_call)
         return jnp.clip((video + 1) / 2, 0, 1)
@@ -174,10 +206,9 @@ def train(config, workdir: str) -> dict:
 
     # --- loop (checkpoints, resume, logging, signals: train/loop.py) ------------------------
     task = loop.Task(
-        state=state, state_sharding=state_sh, step=lambda s, b: train_step(s, b, lpips_state),
-        data_iter=data_iter,
+        plan=plan, step=lambda s, b: compiled(s, b, lpips_state), data_iter=data_iter,
         global_batch=lambda local: {k: jax.make_array_from_process_local_data(batch_sh[k], local[k]) for k in batch_sh},
-        items_per_step=config.batch_size, flops_per_step=flops_lib.train_flops_per_step(config), init=init,
+        items_per_step=config.batch_size, flops_per_step=program.flops, init=init,
         evaluate=evaluate if config.eval_videos > 0 else None)
     return loop.run(config, workdir, task, peak_flops=flops_lib.peak_flops(jax.devices()[0], config.peak_flops_per_device))
 
