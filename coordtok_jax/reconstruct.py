@@ -94,6 +94,7 @@ def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, 
     import jax.numpy as jnp
     from flax import nnx
 
+    from coordtok_jax import sharding as sharding_lib
     from coordtok_jax.data.video import to_model_input
     from coordtok_jax.data.video_io import decode_frames, resize_center_crop, write_video
     from coordtok_jax.evaluate.loading import load_tokenizer
@@ -105,7 +106,12 @@ def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, 
     if batch <= 0:
         raise ValueError(f"--batch must be positive, got {batch}")
     overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
-    model, config, step = load_tokenizer(workdir, step, **overrides)
+    # windows split over as many local devices as divide the batch (one device for --batch=1)
+    devices = jax.local_devices()
+    n_dev = max(d for d in range(1, len(devices) + 1) if batch % d == 0)
+    mesh = sharding_lib.make_mesh((n_dev,), ("data",), devices=devices[:n_dev])
+    model, config, step = load_tokenizer(workdir, step, mesh=mesh, **overrides)
+    rows = lambda x: jax.device_put(x, sharding_lib.batch_sharding(mesh, sharding_lib.rules_of(config), x.shape))
     g = model.geometry
     T, H, W = g.video_shape
     pad_value = float(config.data.get("pad_value", -3.0))
@@ -144,22 +150,23 @@ def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, 
 
     t0 = time.perf_counter()
     planes_all, recon = [], []
-    for b0 in range(0, num_windows, batch):
-        idx = list(range(b0, min(b0 + batch, num_windows)))
-        fill = idx + [idx[-1]] * (batch - len(idx))  # fixed batch: one compilation
-        n = jnp.asarray(n_frames[fill])
-        if from_tokens:
-            planes = tuple(jnp.asarray(tokens[k][fill]) for k in ("z_xy", "z_yt", "z_xt"))
-        else:
-            clips = np.zeros((batch, T, H, W, 3), np.uint8)
-            for j, w in enumerate(fill):
-                s, length = spans[w]
-                clips[j, :length] = original[s:s + length]
-            planes = encode(params, jnp.asarray(clips), n)
-        frames = np.asarray(decode(params, planes))
-        for j, w in enumerate(idx):
-            recon.append(frames[j, : n_frames[w]])
-            planes_all.append([np.asarray(p[j]) for p in planes])
+    with jax.set_mesh(mesh):  # the encode/decode programs run with their mesh set
+        for b0 in range(0, num_windows, batch):
+            idx = list(range(b0, min(b0 + batch, num_windows)))
+            fill = idx + [idx[-1]] * (batch - len(idx))  # fixed batch: one compilation
+            n = rows(np.asarray(n_frames[fill]))
+            if from_tokens:
+                planes = tuple(rows(np.asarray(tokens[k][fill])) for k in ("z_xy", "z_yt", "z_xt"))
+            else:
+                clips = np.zeros((batch, T, H, W, 3), np.uint8)
+                for j, w in enumerate(fill):
+                    s, length = spans[w]
+                    clips[j, :length] = original[s:s + length]
+                planes = encode(params, rows(clips), n)
+            frames = np.asarray(decode(params, planes))
+            for j, w in enumerate(idx):
+                recon.append(frames[j, : n_frames[w]])
+                planes_all.append([np.asarray(p[j]) for p in planes])
     recon = np.concatenate(recon)
     recon_u8 = np.round(recon * 255.0).astype(np.uint8)
     seconds = time.perf_counter() - t0

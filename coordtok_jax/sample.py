@@ -42,17 +42,19 @@ def define_flags():
     flags.DEFINE_string("attention", None, "Tokenizer attention_impl override for decoding (e.g. chunked, cudnn).")
 
 
-def load_sit(workdir: str, step: Optional[int] = None):
-    """(config, graphdef, buffers, EMA params, (mean, std), step) of a train_sit checkpoint."""
+def load_sit(workdir: str, step: Optional[int] = None, mesh=None):
+    """(config, graphdef, buffers, EMA params, (mean, std), step) of a train_sit checkpoint; with
+    `mesh`, the weights replicated over it and the model constraining activations by the rules."""
     import jax
 
+    from coordtok_jax import sharding as sharding_lib
     from coordtok_jax.train.checkpoint import read_config, resolve_step, restore_partial
     from coordtok_jax.train_sit import split_sit
 
     _, step = resolve_step(workdir, step)
     config = read_config(workdir, step)
-    graphdef, abstract_params, buffers, _, _ = split_sit(config)
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    graphdef, abstract_params, buffers = split_sit(config, sharding_lib.rules_of(config) if mesh else None)
+    dev = sharding_lib.replicated(mesh) if mesh else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     sds = lambda shape: jax.ShapeDtypeStruct(shape, np.float32, sharding=dev)
     item = {"ema": jax.tree.map(lambda x: sds(x.shape), abstract_params),
             "latent_mean": sds((3, config.model.in_channels)), "latent_std": sds((3, config.model.in_channels))}
@@ -70,6 +72,7 @@ def sample(workdir: str, output: str, *, num_videos: int = 8, sampler: Optional[
     from flax import nnx
     from tqdm import tqdm
 
+    from coordtok_jax import sharding as sharding_lib
     from coordtok_jax.data.video_io import write_video
     from coordtok_jax.evaluate.loading import load_tokenizer
 
@@ -78,20 +81,23 @@ def sample(workdir: str, output: str, *, num_videos: int = 8, sampler: Optional[
     if fvd and not i3d_path:
         raise ValueError("--fvd needs --i3d=i3d_pretrained_400.pt")
     t0 = time.perf_counter()
-    config, graphdef, buffers, ema, (mean, std), step = load_sit(workdir, step)
+    # a ('data',) mesh: weights replicated, each batch of videos split over the devices by the rules
+    mesh = sharding_lib.make_mesh((-1,), ("data",))
+    config, graphdef, buffers, ema, (mean, std), step = load_sit(workdir, step, mesh)
     overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
-    tokenizer, _, _ = load_tokenizer(config.tokenizer, **overrides)
+    tokenizer, _, _ = load_tokenizer(config.tokenizer, mesh=mesh, rules=sharding_lib.rules_of(config), **overrides)
     tok_graphdef, tok_params = nnx.split(tokenizer)
     generate = make_generator(config, graphdef, buffers, tok_graphdef, tokenizer.geometry, batch, mode=sampler,
-                              steps=steps, cfg_scale=cfg_scale)
+                              steps=steps, cfg_scale=cfg_scale, out_sharding=sharding_lib.replicated(mesh))
 
     out = epath.Path(output)
     out.mkdir(parents=True, exist_ok=True)
     videos = []
     key = jax.random.key(seed)
     n_calls = -(-num_videos // batch)
-    for i in tqdm(range(n_calls), unit="batch", desc="sampling", disable=not progress):
-        videos.append(np.asarray(generate(ema, tok_params, mean, std, jax.random.fold_in(key, i))[0]))
+    with jax.set_mesh(mesh):
+        for i in tqdm(range(n_calls), unit="batch", desc="sampling", disable=not progress):
+            videos.append(np.asarray(generate(ema, tok_params, mean, std, jax.random.fold_in(key, i))[0]))
     videos = np.concatenate(videos)[:num_videos]
     written = []
     for i, v in enumerate(videos):

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.errors import UserError
 from coordtok_jax.models.config import validate
 
@@ -210,7 +211,7 @@ def official_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
     from coordtok_jax.models.coordtok import CoordTok
 
-    abstract = nnx.eval_shape(lambda: CoordTok(config, rngs=nnx.Rngs(0)))
+    abstract = sharding_lib.eval_shape(lambda: CoordTok(config, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     shapes = jax.tree.map(lambda x: np.empty(x.shape, np.bool_), params)  # cheap stand-ins
     return {k: tuple(v.shape) for k, v in to_official(shapes).items()}

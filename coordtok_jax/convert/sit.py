@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.convert.coordtok import (
     ConversionError,
     Entry,
@@ -99,7 +100,7 @@ def sit_official_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
 
     from coordtok_jax.models.sit import TriplaneSiT
 
-    abstract = nnx.eval_shape(lambda: TriplaneSiT(model_config, rngs=nnx.Rngs(0)))
+    abstract = sharding_lib.eval_shape(lambda: TriplaneSiT(model_config, rngs=nnx.Rngs(0)))
     tree = nnx.to_pure_dict(nnx.state(abstract))
     stand_ins = jax.tree.map(lambda x: np.empty(x.shape, np.bool_), tree)  # cheap, no memory
     return {k: tuple(v.shape) for k, v in sit_to_official(stand_ins).items()}

@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.convert.coordtok import ConversionError, from_official, strip_wrappers, to_official
 from coordtok_jax.models.coordtok import CoordTok
 
@@ -83,7 +84,7 @@ def params_from_torch_state_dict(state_dict: Mapping[str, Any], config: Any, sou
 
 def model_from_params(params: Mapping, config: Any) -> CoordTok:
     """A CoordTok holding `params` (nested dict), without initialising random weights first."""
-    abstract = nnx.eval_shape(lambda: CoordTok(config, rngs=nnx.Rngs(0)))
+    abstract = sharding_lib.eval_shape(lambda: CoordTok(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     state.replace_by_pure_dict(jax.tree.map(jax.numpy.asarray, dict(params)))
     return nnx.merge(graphdef, state)

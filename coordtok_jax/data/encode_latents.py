@@ -98,7 +98,6 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
     import jax
     from etils import epath
     from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from tqdm import tqdm
 
     import grain
@@ -119,10 +118,12 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
     if batch_size % jax.device_count():
         raise ConfigError(f"--batch={batch_size} must be divisible by the {jax.device_count()} devices")
     local_batch = batch_size // n_proc
+    # a ('data',) mesh: the tokenizer replicated, every batch split over all devices by the rules
     mesh = sharding_lib.make_mesh((-1,), ("data",))
-    rows = NamedSharding(mesh, P("data"))
-    tok = frozen_tokenizer(config, NamedSharding(mesh, P()))
+    rules = sharding_lib.rules_of(config)
+    tok = frozen_tokenizer(config, mesh)
     g, tok_params, tok_step = tok.geometry, tok.params, tok.step
+    rows = sharding_lib.batch_sharding(mesh, rules, (batch_size,))
     enc = jax.jit(tok.encode, out_shardings=rows)
 
     # --- what to encode, and what is already there ------------------------------------------
@@ -177,7 +178,7 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
 
     def emit(planes, local, offset):
         nonlocal written
-        planes = [np.asarray(z) for z in multihost_utils.global_array_to_host_local_array(planes, mesh, P("data"))]
+        planes = [np.asarray(z) for z in multihost_utils.global_array_to_host_local_array(planes, mesh, rows.spec)]
         for i in range(len(local["clip"])):
             k = int(local["clip"][i])
             s = int(shard_of[offset + i])
@@ -201,8 +202,9 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
                 v = len(local["clip"])
                 video[:v], n_frames[:v] = local["video"], local["n_frames"]
                 failures += int(np.sum(local["decode_failures"]))
-            planes = enc(tok_params, multihost_utils.host_local_array_to_global_array(video, mesh, P("data")),
-                         multihost_utils.host_local_array_to_global_array(n_frames, mesh, P("data")))
+            with jax.set_mesh(mesh):
+                planes = enc(tok_params, multihost_utils.host_local_array_to_global_array(video, mesh, rows.spec),
+                             multihost_utils.host_local_array_to_global_array(n_frames, mesh, rows.spec))
             if previous is not None:
                 emit(*previous)
             previous = (planes, local, b * local_batch) if local is not None else None

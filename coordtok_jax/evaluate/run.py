@@ -31,7 +31,6 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from coordtok_jax import sharding as sharding_lib
@@ -93,12 +92,13 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
     """
     t0 = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
+    # a ('data',) mesh: parameters replicated, the batch split over every device by the rules
     mesh = sharding_lib.make_mesh((len(devices),), ("data",), devices=devices)
-    replicated = NamedSharding(mesh, P())
-    batch_sh = NamedSharding(mesh, P("data"))
+    replicated = sharding_lib.replicated(mesh)
     overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
-    model, ckpt_config, step = load_tokenizer(workdir, step, sharding=replicated, **overrides)
+    model, ckpt_config, step = load_tokenizer(workdir, step, mesh=mesh, **overrides)
     config = ckpt_config if config is None else config
+    rules = sharding_lib.rules_of(config)
     geometry = model.geometry
     T, H, W = geometry.video_shape
     if mode == "chunks" and not points_per_call:
@@ -135,32 +135,35 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
     step_fn = make_eval_step(graphdef, geometry, mode=mode, points_per_call=points_per_call,
                              pad_value=float(config.data.get("pad_value", -3.0)),
                              lpips_graphdef=lpips_graphdef, i3d_graphdef=i3d_graphdef)
-    eval_step = jax.jit(step_fn, in_shardings=(replicated, replicated, replicated, batch_sh, batch_sh))
-
-    dataset = make_sampled_dataset(config.data, (T, H, W), num_videos, local_batch, seed=seed)
-    per_host = -(-num_videos // jax.process_count())
-    values = {k: [] for k in METRICS}
-    real, fake = FeatureStats(), FeatureStats()
-    failures = 0
-    bar = tqdm(total=per_host * jax.process_count(), unit="video", desc=f"eval step {step}",
-               disable=not progress or jax.process_index() != 0)
-    for local in dataset:
-        local, valid = _pad_batch(local, local_batch)
-        failures += int(np.sum(np.asarray(local["decode_failures"])[valid]))
-        arrays = [jax.make_array_from_process_local_data(batch_sh, np.asarray(local[k])) for k in ("video", "n_frames")]
-        out = eval_step(params, lpips_state, i3d_state, *arrays)
-        out = multihost_utils.process_allgather(out, tiled=True)
-        keep = multihost_utils.process_allgather(valid, tiled=False).reshape(-1)
-        for k in METRICS:
-            if k in out:
-                values[k].append(np.asarray(out[k])[keep])
-        if "i3d_real" in out:
-            real.update(np.asarray(out["i3d_real"])[keep])
-            fake.update(np.asarray(out["i3d_fake"])[keep])
-        bar.update(int(keep.sum()))
-        if values["psnr"]:
-            bar.set_postfix(psnr=f"{np.concatenate(values['psnr']).mean():.2f}")
-    bar.close()
+    batch_sh = {k: sharding_lib.batch_sharding(mesh, rules, shape)
+                for k, shape in (("video", (batch, T, H, W, 3)), ("n_frames", (batch,)))}
+    eval_step = jax.jit(step_fn, in_shardings=(replicated, replicated, replicated, batch_sh["video"],
+                                               batch_sh["n_frames"]))
+    with jax.set_mesh(mesh):  # every program of the loop runs with its mesh set
+        dataset = make_sampled_dataset(config.data, (T, H, W), num_videos, local_batch, seed=seed)
+        per_host = -(-num_videos // jax.process_count())
+        values = {k: [] for k in METRICS}
+        real, fake = FeatureStats(), FeatureStats()
+        failures = 0
+        bar = tqdm(total=per_host * jax.process_count(), unit="video", desc=f"eval step {step}",
+                   disable=not progress or jax.process_index() != 0)
+        for local in dataset:
+            local, valid = _pad_batch(local, local_batch)
+            failures += int(np.sum(np.asarray(local["decode_failures"])[valid]))
+            arrays = [jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k])) for k in ("video", "n_frames")]
+            out = eval_step(params, lpips_state, i3d_state, *arrays)
+            out = multihost_utils.process_allgather(out, tiled=True)
+            keep = multihost_utils.process_allgather(valid, tiled=False).reshape(-1)
+            for k in METRICS:
+                if k in out:
+                    values[k].append(np.asarray(out[k])[keep])
+            if "i3d_real" in out:
+                real.update(np.asarray(out["i3d_real"])[keep])
+                fake.update(np.asarray(out["i3d_fake"])[keep])
+            bar.update(int(keep.sum()))
+            if values["psnr"]:
+                bar.set_postfix(psnr=f"{np.concatenate(values['psnr']).mean():.2f}")
+        bar.close()
 
     results = {
         "step": int(step),
