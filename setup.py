@@ -3,7 +3,7 @@
 from setuptools import find_packages, setup
 
 RUNTIME = [
-    "jax>=0.6",
+    "jax>=0.10",
     "flax>=0.12",
     "optax>=0.2.5",
     "orbax-checkpoint>=0.11",
@@ -29,6 +29,9 @@ EXTRAS = {
     "torch": ["torch>=2.1"],
     # TFDS video features are encoded/decoded with TensorFlow (the CPU build is enough).
     "tfds": ["tensorflow-cpu>=2.15"],
+    # libtpu: run on TPU VMs, and compile TPU programs on any host (python -m coordtok_jax.compile
+    # --topology=v5e-256). jax[tpu] pins the libtpu that matches jax (0.10.2 -> libtpu 0.0.42.1).
+    "tpu": ["jax[tpu]==0.10.2"],
     "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
@@ -64,6 +67,7 @@ setup(
             "coordtok-train-sit=coordtok_jax.train_sit:run",
             "coordtok-sample=coordtok_jax.sample:run",
             "coordtok-encode-latents=coordtok_jax.data.encode_latents:run",
+            "coordtok-compile=coordtok_jax.compile:run",
         ],
     },
     license="MIT",

@@ -1,6 +1,8 @@
 """The real trainer on the tiny config: outputs, resume after SIGKILL bit for bit, NaN guard,
 a 2-process jax.distributed run on 127.0.0.1."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -46,8 +48,24 @@ def straight_run(tmp_path_factory):
     """20 steps in one go (in-process), the reference for the resume test."""
     workdir = tmp_path_factory.mktemp("straight")
     config = tiny(total_steps=20, save_every=10, eval_every=20, log_every=5)
-    summary = trainer.train(config, str(workdir))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = trainer.train(config, str(workdir))
+    summary["printed"] = printed.getvalue()
     return workdir, summary
+
+
+def test_trainer_prints_the_memory_line_of_compile(straight_run):
+    """The trainer compiles its step ahead of time and prints what `python -m coordtok_jax.compile`
+    reports for the same config on the same devices."""
+    from coordtok_jax import compile as compile_lib
+
+    _, summary = straight_run
+    line = next(l for l in summary["printed"].splitlines() if l.startswith("train_step: per-chip memory"))
+    report = compile_lib.compile_report(tiny(total_steps=20, save_every=10, eval_every=20, log_every=5), None,
+                                        progress=False)
+    assert line.split("; compiled in")[0] == report["memory_line"]
+    assert report["per_chip_gib"]["total"] > 0
 
 
 def _params(workdir, like):
