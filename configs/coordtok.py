@@ -103,6 +103,7 @@ def data_config() -> ml_collections.ConfigDict:
     # synthetic: procedural clips, deterministic per (synthetic_seed, index)
     d.num_clips = 10_000
     d.synthetic_seed = 0
+    d.synthetic_texture = 1.0  # 0 = flat backgrounds and shapes (same layout and motion)
     # folder: root/class/*.avi|mp4|..., decoded with PyAV; eval_list = 'relative/path [start]' lines
     d.root = _optional_str()
     d.eval_list = _optional_str()
@@ -176,6 +177,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.eps = 1e-8
     config.optimizer.weight_decay = 1e-3  # on every parameter, as the official
     config.optimizer.warmup_steps = 0
+    config.optimizer.schedule = "constant"  # official; or "cosine" (decay to 0 at total_steps)
     config.optimizer.grad_clip_norm = 0.0  # 0 = no clipping (official)
 
     # Schedule, logging, checkpoints, evaluation.

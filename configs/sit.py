@@ -93,6 +93,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.eps = 1e-8
     config.optimizer.weight_decay = 0.0
     config.optimizer.warmup_steps = 0
+    config.optimizer.schedule = "constant"  # official; or "cosine" (decay to 0 at total_steps)
     config.optimizer.grad_clip_norm = 0.0  # 0 = none (official)
     config.ema_decay = 0.9999  # every step, EMA initialised to the model; sampling uses the EMA
 

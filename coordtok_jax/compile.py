@@ -107,11 +107,13 @@ def parse_topology(name: str) -> Topology:
 @contextlib.contextmanager
 def _quiet_libtpu(chips: int):
     """On a CPU host, tell libtpu there is no TPU VM to query (else it prints errors about missing
-    metadata), for the duration of the topology query only: a process that later trains must not
+    metadata) and no TPU to lock, for the duration of the topology query only: a process that later trains must not
     look like a TPU VM worker (train/trainer.py detects those by these variables)."""
     on_tpu_vm = os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
     values = {} if on_tpu_vm else {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-                                   "TPU_WORKER_ID": "0", "TPU_ACCELERATOR_TYPE": f"v5litepod-{chips}"}
+                                   "TPU_WORKER_ID": "0", "TPU_ACCELERATOR_TYPE": f"v5litepod-{chips}",
+                                   # no TPU here to guard: let several compiles load libtpu side by side
+                                   "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update({k: v for k, v in values.items() if saved[k] is None})
     try:

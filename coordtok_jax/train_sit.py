@@ -20,7 +20,7 @@ sharded), step (compiled ahead of time, its per-chip memory printed as `compile`
   velocity prediction, t ~ U[0, 1)), AdamW (lr 1e-4, no weight decay), EMA 0.9999 of the
   parameters every step (initialised to the model). Sampling uses the EMA.
 * Every config.eval_every steps: config.eval_num_videos samples from the EMA (fixed noise) ->
-  WORKDIR/samples/step_N.gif, the sampled normalised latents' std, and gFVD with config.eval_i3d.
+  WORKDIR/samples/step_0000000N.gif, the sampled normalised latents' std, and gFVD with config.eval_i3d.
 """
 
 from __future__ import annotations
@@ -274,6 +274,9 @@ def train_sit(config, workdir: str) -> dict:
     if cache:
         config, meta = _adopt_cache(config)
     workdir, is_main = loop.prepare_workdir(workdir, config)
+    done = loop.finished(workdir, config)
+    if done:
+        return done
     with jax.set_mesh(mesh):
         return _train_sit(config, workdir, is_main, mesh, cache)
 
@@ -334,7 +337,24 @@ def _train_sit(config, workdir, is_main, mesh, cache: bool) -> dict:
         print(f"SiT {config.get('size', '')} on {what}: {n:,} parameters")
     task = loop.Task(plan=plan, step=step, data_iter=data_iter, global_batch=global_batch,
                      items_per_step=config.batch_size, flops_per_step=program.flops, evaluate=evaluate, counters=())
-    return loop.run(config, workdir, task, peak_flops=flops_lib.peak_flops(jax.devices()[0]))
+    summary = loop.run(config, workdir, task, peak_flops=flops_lib.peak_flops(jax.devices()[0]))
+    if is_main:
+        print(where_to_look(workdir, summary))
+    return summary
+
+
+def where_to_look(workdir, summary: dict) -> str:
+    """The end-of-run message of the SiT trainer."""
+    step = summary["last_step"]
+    if "stopped_by_signal" in summary:
+        return f"stopped at step {step} (saved): re-run the same command to resume"
+    lines = [f"done: step {step}" + (f", sampled latent std {summary['eval_sample_latent_std']:.3f} (1 = calibrated)"
+                                     if "eval_sample_latent_std" in summary else "")]
+    if "eval_sample_latent_std" in summary:
+        lines.append(f"  samples:     {workdir}/samples/step_{step:08d}.gif")
+    lines += [f"  TensorBoard: tensorboard --logdir {workdir}/tb",
+              f"  more videos: python -m coordtok_jax.sample --workdir={workdir} --output={workdir}/videos"]
+    return "\n".join(lines)
 
 
 def latent_statistics(config, tok: FrozenTokenizer, global_batch, local_batch, progress):
@@ -369,7 +389,7 @@ def cached_latent_statistics(config, local_batch, progress) -> LatentStats:
 
 def sampling_eval(config, workdir, graphdef, buffers, tok, replicated, is_main):
     """(step, state) -> scalars: config.eval_num_videos videos sampled from the EMA with the
-    configured sampler (config.eval_sampler_steps steps), decoded; WORKDIR/samples/step_N.gif;
+    configured sampler (config.eval_sampler_steps steps), decoded; WORKDIR/samples/step_0000000N.gif;
     'sample_latent_std' (the generated normalised planes' std, ~1 when calibrated) and, with
     config.eval_i3d, 'gfvd' against as many random real clips of config.data."""
     from coordtok_jax.sample import GeneratedFVD, make_generator, write_grid_gif
@@ -390,7 +410,7 @@ def sampling_eval(config, workdir, graphdef, buffers, tok, replicated, is_main):
         videos = np.concatenate(videos)[:n]
         if is_main:
             (workdir / "samples").mkdir(parents=True, exist_ok=True)
-            write_grid_gif(videos[:16], workdir / "samples" / f"step_{step}.gif", fps=8)
+            write_grid_gif(videos[:16], workdir / "samples" / f"step_{step:08d}.gif", fps=8)
         scalars = {"sample_latent_std": float(np.mean(spread))}
         if fvd is not None:
             scalars["gfvd"] = fvd(videos)

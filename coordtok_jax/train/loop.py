@@ -32,7 +32,7 @@ from etils import epath
 
 from coordtok_jax.errors import UserError
 from coordtok_jax.models import ConfigError
-from coordtok_jax.train.checkpoint import Checkpointer, is_params_only
+from coordtok_jax.train.checkpoint import Checkpointer, is_params_only, resolve_step
 from coordtok_jax.train.state import StatePlan
 
 
@@ -80,6 +80,21 @@ def prepare_workdir(workdir, config) -> tuple[epath.Path, bool]:
         (workdir / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
     refuse_params_only(workdir)
     return workdir, is_main
+
+
+def finished(workdir: epath.Path, config) -> Optional[dict]:
+    """A run already at config.total_steps: says so (and how to continue) and returns a summary,
+    before anything is compiled or written (no new TensorBoard file); None otherwise."""
+    try:
+        _, step = resolve_step(str(workdir))
+    except FileNotFoundError:
+        return None
+    if step < config.total_steps:
+        return None
+    if jax.process_index() == 0:
+        print(f"{workdir} is already at step {step} (config.total_steps={config.total_steps}): nothing to train. "
+              f"To train longer, run the same command with --config.total_steps=N, N > {step}.")
+    return {"first_step": step, "last_step": step, "finished": True}
 
 
 def every(step: int, period: int) -> bool:
@@ -184,6 +199,7 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop["signal"]:
                 bar.write(f"received signal {stop['signal']}: saved step {step}, exiting")
+                summary["stopped_by_signal"] = int(stop["signal"])
                 break
     finally:
         bar.close()

@@ -40,26 +40,38 @@ class TrainState:
     first_nonfinite: jax.Array
 
 
+def lr_schedule(config):
+    """config.optimizer's learning rate as an optax schedule: linear warm-up over warmup_steps, then
+    constant (official) or, with schedule='cosine', a cosine decay to 0 at config.total_steps."""
+    o = config.optimizer
+    lr, warmup = float(o.learning_rate), int(o.warmup_steps)
+    kind = o.get("schedule", "constant")
+    if kind not in ("constant", "cosine"):
+        from coordtok_jax.errors import UserError
+
+        raise UserError(f"config.optimizer.schedule must be 'constant' or 'cosine', got {kind!r}")
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(int(config.total_steps), warmup + 1))
+    if warmup > 0:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    return lr
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW as the official (lr 1e-4 constant, betas (0.9, 0.999), eps 1e-8, weight decay 1e-3
-    on every parameter), with optional linear warm-up and global-norm clipping."""
+    on every parameter), with optional warm-up, cosine decay and global-norm clipping."""
     o = config.optimizer
-    lr = o.learning_rate
-    schedule = optax.linear_schedule(0.0, lr, o.warmup_steps) if o.warmup_steps > 0 else lr
-    if o.warmup_steps > 0:
-        schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [o.warmup_steps])
     chain = []
     if o.grad_clip_norm and o.grad_clip_norm > 0:
         chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
-    chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    chain.append(optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
     return optax.chain(*chain)
 
 
 def learning_rate(config, step):
-    o = config.optimizer
-    if o.warmup_steps > 0:
-        return o.learning_rate * jnp.minimum(1.0, step / o.warmup_steps)
-    return jnp.asarray(o.learning_rate, jnp.float32)
+    """The learning rate at `step` (for logging)."""
+    schedule = lr_schedule(config)
+    return schedule(step) if callable(schedule) else jnp.asarray(schedule, jnp.float32)
 
 
 def like_params_shardings(tree, params, param_shardings, replicated):
@@ -112,9 +124,14 @@ def plan_state(build: Callable[[], nnx.Module], mesh: Mesh, rules, tx: optax.Gra
     abstract_state = jax.eval_shape(init)
     state_sh = like_params_shardings(abstract_state, abstract_params, param_sh, replicated)
     buffers = None
-    if jax.tree.leaves(abstract_buffers):  # e.g. the SiT's fixed sin-cos table: a constant, computed
-        with jax.set_mesh(mesh):           # alone (XLA drops the unused parameter initialisers)
-            buffers = jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)), out_shardings=replicated)()
+    if jax.tree.leaves(abstract_buffers):  # e.g. the SiT's fixed sin-cos table: a constant computed
+        # alone on this host (XLA drops the unused parameter initialisers), replicated when the mesh
+        # is this host's (a topology being compiled for has no devices to put it on)
+        with jax.sharding.use_abstract_mesh(sharding_lib.NO_MESH):
+            buffers = jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)))()
+        if all(d.process_index == jax.process_index() and d.platform == jax.default_backend()
+               for d in mesh.devices.flat):
+            buffers = jax.device_put(buffers, replicated)
     return StatePlan(mesh=mesh, graphdef=graphdef, buffers=buffers,
                      abstract=sharding_lib.abstract(abstract_state, state_sh), shardings=state_sh,
                      param_shardings=param_sh, init=init)
