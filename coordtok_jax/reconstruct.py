@@ -7,15 +7,15 @@ r"""Reconstruct a video file with a trained CoordTok (or decode saved tokens).
 Any size and length: frames are resized (PIL bicubic, shorter side) and center-cropped to the
 model's H x W as in training; the video is cut into consecutive T-frame windows (the last one
 shorter and padded as in training), each encoded to its triplane tokens and decoded, and the
-windows are stitched back. Writes OUT.mp4 (reconstruction, or original | reconstruction with
---side-by-side) and OUT_psnr.png (per-frame PSNR), and prints the token count and the PSNR
-(mean of per-frame PSNR on [0, 1] frames). --save-tokens writes the planes of every window
+windows are stitched back. Writes OUT.mp4 at the input's resolution (the reconstruction
+upsampled, bicubic, onto the center-cropped region the model saw; with --side-by-side next to
+that region of the input) and OUT_psnr.png (per-frame PSNR), and prints the token count and the
+PSNR (mean of per-frame PSNR on [0, 1] frames, at the model's resolution, as in training). --save-tokens writes the planes of every window
 (npz: z_xy, z_yt, z_xt, n_frames, fps, step); --from-tokens decodes such a file.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Optional
 
@@ -60,30 +60,6 @@ def windows(num_frames: int, T: int) -> list[tuple[int, int]]:
     return [(s, min(T, num_frames - s)) for s in range(0, num_frames, T)]
 
 
-def psnr_plot(per_frame: np.ndarray, path: str, title: str) -> None:
-    """A line plot of per-frame PSNR (PIL only)."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 800, 300, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    finite = per_frame[np.isfinite(per_frame)]
-    lo = math.floor(float(finite.min()) - 1) if finite.size else 0
-    hi = math.ceil(float(finite.max()) + 1) if finite.size else 1
-    d.rectangle([m, 20, w - 20, h - m], outline="black")
-    n = len(per_frame)
-    x = lambda i: m + (w - 20 - m) * (i / max(n - 1, 1))
-    y = lambda v: (h - m) - (h - m - 20) * ((min(max(v, lo), hi) - lo) / max(hi - lo, 1e-9))
-    d.line([(x(i), y(v)) for i, v in enumerate(per_frame)], fill=(200, 30, 30), width=2)
-    for v in np.linspace(lo, hi, 5):
-        d.text((5, y(v) - 6), f"{v:.1f}", fill="black")
-    d.text((m, h - m + 8), "frame 0", fill="black")
-    d.text((w - 90, h - m + 8), f"frame {n - 1}", fill="black")
-    d.text((m, 3), title, fill="black")
-    with epath.Path(path).open("wb") as f:
-        img.save(f, format="PNG")
-
-
 def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, from_tokens: Optional[str] = None,
                 save_tokens: Optional[str] = None, side_by_side: bool = False, mode: str = "all",
                 points_per_call: int = 1024, batch: int = 1, step: Optional[int] = None,
@@ -96,7 +72,8 @@ def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, 
 
     from coordtok_jax import sharding as sharding_lib
     from coordtok_jax.data.video import to_model_input
-    from coordtok_jax.data.video_io import decode_frames, resize_center_crop, write_video
+    from coordtok_jax import pictures
+    from coordtok_jax.data.video_io import crop_box, decode_frames, resize, resize_center_crop, write_video
     from coordtok_jax.evaluate.loading import load_tokenizer
     from coordtok_jax.evaluate.metrics import frames_in_unit_range, psnr_per_frame
     from coordtok_jax.models.decode_video import decode_video
@@ -118,7 +95,7 @@ def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, 
     graphdef, params = nnx.split(model)
     ppc = points_per_call if mode == "chunks" else None
 
-    original = None
+    original = raw = None
     if input_path:
         raw = decode_frames(input_path, max_frames)
         original = resize_center_crop(raw, H, W)
@@ -173,16 +150,25 @@ def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, 
 
     out = epath.Path(output)
     written = [str(out)]
-    video = recon_u8 if not (side_by_side and original is not None) else np.concatenate([original, recon_u8], axis=2)
+    # back at the input's resolution: the reconstruction upsampled (bicubic) onto the region of the
+    # input the model saw (the center crop), next to that region of the input itself
+    shown, shown_original = recon_u8, original
+    if raw is not None:
+        y0, x0, ch, cw = crop_box(raw.shape[1], raw.shape[2], H, W)
+        shown = resize(recon_u8, ch, cw)
+        shown_original = raw[: len(recon_u8), y0:y0 + ch, x0:x0 + cw]
+    video = shown if not (side_by_side and original is not None) else np.concatenate([shown_original, shown], axis=2)
     write_video(out, video, fps=max(1, int(round(fps))))
     summary = dict(step=step, frames=int(len(recon_u8)), windows=num_windows, tokens_per_window=g.num_latent_tokens,
-                   tokens=g.num_latent_tokens * num_windows, seconds=seconds, fps=fps)
+                   tokens=g.num_latent_tokens * num_windows, seconds=seconds, fps=fps,
+                   output_size=list(shown.shape[1:3]), model_size=[H, W])
     if original is not None:
         per_frame = np.asarray(psnr_per_frame(jnp.asarray(recon), jnp.asarray(original, jnp.float32) / 255.0))
         summary["psnr"] = float(per_frame.mean())
         summary["psnr_per_frame"] = per_frame
         plot = out.parent / f"{out.stem}_psnr.png"
-        psnr_plot(per_frame, str(plot), f"per-frame PSNR (mean {summary['psnr']:.2f} dB), step {step}")
+        pictures.line_plot([("PSNR", np.arange(len(per_frame)), per_frame)], plot, xlabel="frame",
+                           title=f"per-frame PSNR at {H}x{W} (mean {summary['psnr']:.2f} dB), step {step}")
         written.append(str(plot))
     if save_tokens:
         stacked = {k: np.stack([p[i] for p in planes_all]) for i, k in enumerate(("z_xy", "z_yt", "z_xt"))}

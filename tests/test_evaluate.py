@@ -19,7 +19,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from coordtok_jax.data.pipeline import make_sampled_dataset
 from coordtok_jax.data.video import to_model_input
-from coordtok_jax.data.video_io import decode_frames, resize_center_crop
+from coordtok_jax.data.video_io import crop_box, decode_frames, resize, resize_center_crop
 from coordtok_jax.evaluate.loading import load_tokenizer
 from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.train import trainer
@@ -138,9 +138,14 @@ def test_reconstruct_cli_and_tokens_round_trip(trained, tmp_path):
     assert m, proc.stdout
     with av.open(str(out)) as container:
         written = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(written) == 37 and written[0].shape == (32, 64, 3)  # original | reconstruction
-    plot = Image.open(tmp_path / "out" / "recon_psnr.png")
-    assert plot.size[0] > 100
+    # at the input's resolution: the 60x60 center region of the 60x90 input | the reconstruction upsampled
+    assert len(written) == 37 and written[0].shape == (60, 120, 3)
+    assert crop_box(60, 90, 32, 32) == (0, 15, 60, 60)
+    region = decode_frames(src)[:, :, 15:75]
+    assert np.abs(written[3][:, :60].astype(float) - region[3]).mean() < 6  # the input half (codec loss only)
+    assert np.abs(resize(region, 32, 32).astype(float) - resize_center_crop(decode_frames(src), 32, 32)).mean() < 3
+    plot = np.asarray(Image.open(tmp_path / "out" / "recon_psnr.png").convert("RGB"))
+    assert plot.shape[1] > 100 and ((plot == [200, 30, 30]).all(-1)).sum() > 100  # the curve and its markers
     tokens = np.load(tmp_path / "tokens.npz")
     assert tokens["z_xy"].shape == (3, 8, 8, 8) and tokens["z_yt"].shape == (3, 8, 8, 8)
     np.testing.assert_array_equal(tokens["n_frames"], [16, 16, 5])
@@ -161,6 +166,10 @@ def test_reconstruct_cli_and_tokens_round_trip(trained, tmp_path):
     full = reconstruct(str(trained), str(tmp_path / "full.mp4"), from_tokens=str(tmp_path / "tokens.npz"),
                        input_path=str(src))  # mode all: every patch of a window jointly
     assert full["psnr"] != s["psnr"]
+    one = reconstruct(str(trained), str(tmp_path / "one.mp4"), input_path=str(src), max_frames=1)
+    assert one["frames"] == 1 and one["windows"] == 1 and one["output_size"] == [60, 60]
+    plot = np.asarray(Image.open(tmp_path / "one_psnr.png").convert("RGB"))
+    assert ((plot == [200, 30, 30]).all(-1)).sum() > 10  # a single frame still shows as a point
     with pytest.raises(ValueError, match="or --from-tokens"):
         reconstruct(str(trained), str(tmp_path / "x.mp4"))
     bad = tmp_path / "bad.npz"

@@ -214,7 +214,7 @@ def test_train_sit_from_the_cache_with_sampling_eval(cache, tmp_path):
     assert stats["count"][0] == 12 * 8 * 8  # 12 cached clips x the 8x8 xy plane
     from PIL import Image
 
-    gif = Image.open(tmp_path / "samples" / "step_3.gif")
+    gif = Image.open(tmp_path / "samples" / "step_00000003.gif")
     assert gif.n_frames == 16 and gif.size == (64, 32)  # 2 videos side by side
 
     from coordtok_jax.models import ConfigError

@@ -11,6 +11,7 @@ import sys
 
 import av
 import coordtok
+from PIL import Image
 import jax
 import numpy as np
 import pytest
@@ -86,6 +87,43 @@ def test_trainer_leaves_checkpoints_logs_config_and_samples(straight_run):
     assert len(frames) == 16 and frames[0].shape == (2 * 32, 2 * 32, 3)  # 2 clips x (orig | recon)
     assert np.isfinite(summary["eval_psnr"]) and summary["eval_psnr"] > 5
     assert np.isfinite(summary["loss"])
+    # pictures: a contact sheet per eval, the PSNR curve, and where to look at the end
+    assert Image.open(workdir / "samples" / "step_00000020.png").size[0] > 200
+    assert json.loads((workdir / "samples" / "psnr.json").read_text()) == [[20, pytest.approx(summary["eval_psnr"])]]
+    assert Image.open(workdir / "psnr.png").size == (800, 320)
+    printed = summary["printed"]
+    assert f"done: step 20, held-out PSNR {summary['eval_psnr']:.2f} dB" in printed
+    assert f"tensorboard --logdir {workdir}/tb" in printed and f"{workdir}/samples/step_00000020.mp4" in printed
+
+
+def test_a_finished_run_says_so_and_writes_nothing(straight_run):
+    workdir, _ = straight_run
+    before = sorted(os.listdir(workdir / "tb"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        again = trainer.train(tiny(total_steps=20, save_every=10, eval_every=20, log_every=5), str(workdir))
+    assert again["finished"] and again["last_step"] == 20
+    assert "already at step 20 (config.total_steps=20)" in printed.getvalue()
+    assert "--config.total_steps=N, N > 20" in printed.getvalue()
+    assert sorted(os.listdir(workdir / "tb")) == before  # no new, empty event file
+
+
+def test_eval_pictures_show_padding_the_same_on_both_sides(tmp_path):
+    from etils import epath
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(30, 220, size=(2, 16, 32, 32, 3), dtype=np.uint8)
+    n = np.array([16, 5], np.int32)
+    frames[1, 5:] = 0  # a short clip: its padding is black, as the data pipeline leaves it
+    recon = np.full((2, 16, 32, 32, 3), 0.4, np.float32)  # the model's guess past n_frames is not shown
+    trainer.write_eval_pictures(epath.Path(tmp_path), 7, frames, n, recon, 12.5)
+    with av.open(str(tmp_path / "samples" / "step_00000007.mp4")) as container:
+        video = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(float)
+    clip1 = video[:, 32:]  # second clip: original | reconstruction
+    assert np.abs(clip1[8:, :, :32]).mean() < 4 and np.abs(clip1[8:, :, 32:]).mean() < 4  # black both sides
+    assert np.abs(clip1[:4, :, 32:] - 0.4 * 255).mean() < 8  # valid frames show the reconstruction
+    sheet = np.asarray(Image.open(tmp_path / "samples" / "step_00000007.png").convert("RGB"))
+    assert sheet.shape[0] > 2 * 32 and sheet.shape[1] >= 4 * 2 * 32
 
 
 def test_sigkill_then_resume_is_bit_exact(straight_run, tmp_path):

@@ -18,8 +18,13 @@ def synthetic_clip(
     *,
     min_frames: int | None = None,
     short_fraction: float = 0.25,
+    texture: float = 1.0,
 ) -> tuple[np.ndarray, int]:
-    """Returns (frames uint8 (T, H, W, 3), n_frames)."""
+    """Returns (frames uint8 (T, H, W, 3), n_frames).
+
+    `texture` scales the background's gratings and checker and the shapes' stripes (1: the default
+    data; 0: flat backgrounds and flat shapes; the clip's layout and motion do not change).
+    """
     T, H, W = (int(s) for s in shape)
     if min(T, H, W) <= 0:
         raise ValueError(f"shape must be three positive ints (T, H, W), got {shape}")
@@ -36,10 +41,10 @@ def synthetic_clip(
     for _ in range(2):
         theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(2, 8), rng.uniform(0, 2 * np.pi)
         wave = np.sin(2 * np.pi * freq * (np.cos(theta) * bx + np.sin(theta) * by) + phase)
-        video += 0.15 * wave[..., None] * rng.uniform(-1, 1, size=3).astype(np.float32)
+        video += texture * 0.15 * wave[..., None] * rng.uniform(-1, 1, size=3).astype(np.float32)
     checks = rng.integers(2, 6)
     checker = ((np.floor(bx * checks * 2) + np.floor(by * checks * 2)) % 2)[..., None]
-    video += 0.08 * (checker - 0.5)
+    video += texture * 0.08 * (checker - 0.5)
 
     # Shapes: discs, rotating squares and rings, moving and bouncing at varied speeds.
     for _ in range(rng.integers(1, 4)):
@@ -67,8 +72,8 @@ def synthetic_clip(
         else:
             r2 = dx**2 + dy**2
             inside = (r2 <= size**2) & (r2 >= (0.5 * size) ** 2)
-        texture = 0.85 + 0.15 * np.sin(stripes * rx)[..., None]
-        video = np.where(inside[..., None], color * texture, video)
+        shade = texture * (0.85 + 0.15 * np.sin(stripes * rx)[..., None]) + (1.0 - texture)
+        video = np.where(inside[..., None], color * shade, video)
 
     frames = (np.clip(video, 0, 1) * 255 + 0.5).astype(np.uint8)
     n_frames = T

@@ -73,6 +73,22 @@ def resize_center_crop(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray
     return out
 
 
+def crop_box(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) in the (h, w) input of the region `resize_center_crop` keeps."""
+    rh, rw = resized_shape(h, w, out_h, out_w)
+    top, left = int(round((rh - out_h) / 2.0)), int(round((rw - out_w) / 2.0))
+    sy, sx = h / rh, w / rw
+    y0, x0 = int(round(top * sy)), int(round(left * sx))
+    return y0, x0, min(h - y0, int(round(out_h * sy))), min(w - x0, int(round(out_w * sx)))
+
+
+def resize(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """uint8 (L, h, w, 3) -> uint8 (L, out_h, out_w, 3), PIL bicubic (no crop)."""
+    if frames.shape[1:3] == (out_h, out_w):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((out_w, out_h), Image.BICUBIC)) for f in frames])
+
+
 def take_window(frames: np.ndarray, num_frames: int, start: int | None, rng: np.random.Generator | None):
     """A num_frames window of a clip -> (uint8 (num_frames, H, W, 3), n_frames).
 

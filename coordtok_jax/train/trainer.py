@@ -120,8 +120,9 @@ def load_lpips_network(config, abstract: bool = False):
         return None
     from coordtok_jax.models.lpips import LPIPS, load_lpips
 
-    if abstract:
-        return nnx.split(sharding_lib.eval_shape(lambda: LPIPS.random(jax.random.key(0))))
+    if abstract:  # random weights of the right shapes (60 MB on the host), kept as shapes only
+        graphdef, state = nnx.split(LPIPS.random(jax.random.key(0)))
+        return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     return nnx.split(load_lpips(config.lpips.vgg_path, config.lpips.lin_path))
 
 
@@ -154,6 +155,9 @@ def train(config, workdir: str) -> dict:
     mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
     geometry = validate_training_config(config, mesh, jax.process_count())
     workdir, is_main = loop.prepare_workdir(workdir, config)
+    done = loop.finished(workdir, config)
+    if done:
+        return done
     logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
     with jax.set_mesh(mesh):
         return _train(config, workdir, is_main, mesh, geometry)
@@ -197,11 +201,7 @@ def _train(config, workdir, is_main, mesh, geometry) -> dict:
         target = eval_frames.astype(np.float32) / 255.0
         psnr = float(np.asarray(video_psnr(recon, target, eval_n)).mean())
         if is_main:
-            from coordtok_jax.data.video_io import write_video
-
-            side = np.concatenate([eval_frames, (recon * 255 + 0.5).astype(np.uint8)], axis=3)  # (B, T, H, 2W, 3)
-            grid = np.concatenate(list(side), axis=1)  # videos stacked vertically
-            write_video(workdir / "samples" / f"step_{step:08d}.mp4", grid)  # the loop prints the scalars
+            write_eval_pictures(workdir, step, eval_frames, eval_n, recon, psnr)
         return {"psnr": psnr}
 
     # --- loop (checkpoints, resume, logging, signals: train/loop.py) ------------------------
@@ -210,7 +210,53 @@ def _train(config, workdir, is_main, mesh, geometry) -> dict:
         global_batch=lambda local: {k: jax.make_array_from_process_local_data(batch_sh[k], local[k]) for k in batch_sh},
         items_per_step=config.batch_size, flops_per_step=program.flops, init=init,
         evaluate=evaluate if config.eval_videos > 0 else None)
-    return loop.run(config, workdir, task, peak_flops=flops_lib.peak_flops(jax.devices()[0], config.peak_flops_per_device))
+    summary = loop.run(config, workdir, task,
+                       peak_flops=flops_lib.peak_flops(jax.devices()[0], config.peak_flops_per_device))
+    if is_main:
+        print(where_to_look(workdir, summary, config))
+    return summary
+
+
+def write_eval_pictures(workdir, step: int, frames: np.ndarray, n_frames: np.ndarray, recon: np.ndarray,
+                        psnr: float) -> None:
+    """samples/step_N.mp4 (original | reconstruction, clips stacked), samples/step_N.png (a
+    contact sheet of a few frames per clip) and psnr.png (held-out PSNR against step, from
+    samples/psnr.json). Frames past a clip's length show the original's padding on both sides."""
+    import json
+
+    from coordtok_jax import pictures
+    from coordtok_jax.data.video_io import write_video
+
+    valid = np.arange(frames.shape[1])[None, :] < np.asarray(n_frames)[:, None]
+    shown = np.where(valid[:, :, None, None, None], (recon * 255 + 0.5).astype(np.uint8), frames)
+    samples = workdir / "samples"
+    side = np.concatenate([frames, shown], axis=3)  # (B, T, H, 2W, 3)
+    write_video(samples / f"step_{step:08d}.mp4", np.concatenate(list(side), axis=1))  # clips stacked vertically
+    pictures.contact_sheet(frames, shown, n_frames, samples / f"step_{step:08d}.png")
+    history_file = samples / "psnr.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else []
+    history = [h for h in history if h[0] < step] + [[step, psnr]]  # a resumed run rewrites what it repeats
+    tmp = samples / ".psnr.json.tmp"
+    tmp.write_text(json.dumps(history))
+    tmp.replace(history_file)
+    pictures.line_plot([("held-out PSNR", [h[0] for h in history], [h[1] for h in history])], workdir / "psnr.png",
+                       title=f"held-out PSNR (dB), {len(frames)} clips, every patch decoded", xlabel="step")
+
+
+def where_to_look(workdir, summary: dict, config) -> str:
+    """The end-of-run message: the final numbers and the files to open."""
+    step = summary["last_step"]
+    if "stopped_by_signal" in summary:
+        return f"stopped at step {step} (saved): re-run the same command to resume"
+    lines = [f"done: step {step}" + (f", held-out PSNR {summary['eval_psnr']:.2f} dB ({config.eval_videos} clips, "
+                                     "every patch decoded)" if "eval_psnr" in summary else "")]
+    if "eval_psnr" in summary:
+        lines += [f"  samples:     {workdir}/samples/step_{step:08d}.mp4 and .png (original | reconstruction)",
+                  f"  PSNR curve:  {workdir}/psnr.png"]
+    lines += [f"  TensorBoard: tensorboard --logdir {workdir}/tb",
+              f"  checkpoints: {workdir}/checkpoints (re-run the same command to resume; "
+              "--config.total_steps=N to train longer)"]
+    return "\n".join(lines)
 
 
 def main(argv):
