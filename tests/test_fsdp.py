@@ -117,18 +117,22 @@ def test_every_mesh_trains_the_same(runs):
     assert min(moved) > 1e-5  # every parameter was updated (lr 1e-4, 3 steps)
 
 
-def test_collectives_count_a_scanned_body_once_per_iteration(devices):
-    """aot.collectives multiplies ops inside a while body by the loop's trip count."""
+@pytest.mark.parametrize("extra_carry", [0, 6])
+def test_collectives_count_a_scanned_body_once_per_iteration(devices, extra_carry):
+    """aot.collectives multiplies ops inside a while body by the loop's trip count (also when the
+    loop's computations list more than 5 parameters, which XLA annotates /*index=5*/)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     mesh = sharding_lib.make_mesh((8,), ("data",))
     w_sh = NamedSharding(mesh, P(None, "data"))
 
     def f(ws, x):
-        def body(h, w):  # w (16, 16) split on its columns: each layer all-gathers it
+        def body(carry, w):  # w (16, 16) split on its columns: each layer all-gathers it
+            h, rest = carry
             w = jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P()))
-            return h @ w, None
-        return jax.lax.scan(body, x, ws)[0]
+            return (h @ w, tuple(r * 1.5 + h[0, 0] for r in rest)), None
+        rest = tuple(x[i] for i in range(extra_carry))
+        return jax.lax.scan(body, (x, rest), ws)[0]
 
     ws = jax.ShapeDtypeStruct((5, 16, 16), np.float32, sharding=NamedSharding(mesh, P(None, None, "data")))
     x = jax.ShapeDtypeStruct((4, 16), np.float32, sharding=NamedSharding(mesh, P()))

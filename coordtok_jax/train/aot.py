@@ -119,6 +119,7 @@ def _shape_bytes(type_text: str) -> float:
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) ([a-z][a-z\-]*)\((.*)$")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _CALLEES = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|true_computation|false_computation)"
                       r"=(?:\{([^}]*)\}|(%?[\w.\-]+))")
 
@@ -129,7 +130,8 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], Optional[str]]:
     entry, current = None, None
     for line in hlo_text.splitlines():
         head = _COMPUTATION.match(line)
-        if head and "=" not in line.split("{")[0]:
+        # a header has no '=' before its body (parameter lists past 5 carry /*index=N*/ comments)
+        if head and "=" not in _COMMENT.sub("", line).split("{")[0]:
             current = head.group(1)
             comps[current] = []
             if line.startswith("ENTRY"):
