@@ -236,3 +236,37 @@ def test_sigterm_saves_the_current_step_and_exits(tmp_path):
     assert "received signal" in rest
     steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert len(steps) == 1 and 5 <= steps[0] < 100000
+
+
+def test_resume_with_another_model_or_batch_is_refused_and_config_json_kept(straight_run, tmp_path):
+    """A resume that changes the parameter tree or the global batch is refused before anything is
+    written (one line listing the fields, exit 2 from the CLI); config.json is left as it was."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    before = (workdir / "config.json").read_bytes()
+    r = train_cli(workdir, "--config.model.enc_embed_dim=32", "--config.batch_size=16", "--config.total_steps=30")
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, r.stderr[-2000:]
+    assert "model.enc_embed_dim: 64 -> 32" in err[0] and "batch_size: 8 -> 16" in err[0]
+    assert "total_steps" not in err[0]  # a harmless change is not listed as a conflict
+    assert "Traceback" not in r.stderr
+    assert (workdir / "config.json").read_bytes() == before
+    assert not (workdir / "LOCK").exists()
+
+
+def test_resume_with_harmless_changes_is_recorded(straight_run, tmp_path):
+    import shutil
+
+    from coordtok_jax.train import loop
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        loop.prepare_workdir(str(workdir), tiny(total_steps=40, save_every=10, eval_every=20, log_every=7))
+    assert "total_steps: 20 -> 40" in printed.getvalue() and "log_every: 5 -> 7" in printed.getvalue()
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["total_steps"] == 40 and saved["log_every"] == 7

@@ -69,16 +69,34 @@ def refuse_params_only(workdir: epath.Path) -> None:
 
 
 def prepare_workdir(workdir, config) -> tuple[epath.Path, bool]:
-    """(workdir, is_main): creates it and writes config.json (process 0), refuses a
-    parameters-only workdir (every process)."""
+    """(workdir, is_main), before anything is written: refuses a parameters-only workdir and a
+    resume whose config changes what the checkpoint holds (every process); takes the workdir lock
+    and writes config.json atomically (process 0)."""
+    import atexit
+
     from coordtok_jax.train.checkpoint import config_to_json
+    from coordtok_jax.train.workdir import Lock, WorkdirError, check_config, write_text_atomic
 
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
     refuse_params_only(workdir)
+    requested = config_to_json(config)
+    try:
+        resolve_step(str(workdir))
+        has_checkpoint = True
+    except FileNotFoundError:
+        has_checkpoint = False
+    accepted = check_config(workdir, requested, has_checkpoint)
+    if is_main:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(f"cannot create the workdir {workdir}: {e.strerror or e}") from e
+        lock = Lock(workdir).acquire()
+        atexit.register(lock.release)
+        if accepted:
+            print(f"{workdir}: resuming with changed settings: " + "; ".join(accepted))
+        write_text_atomic(workdir / "config.json", json.dumps(requested, indent=2))
     return workdir, is_main
 
 
@@ -119,6 +137,9 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
     first_step = int(state.step)
 
     # --- logging ----------------------------------------------------------------------------
+    from coordtok_jax.train.workdir import Lock
+
+    lock = Lock(workdir).acquire() if is_main else None  # held since prepare_workdir: refreshed at each log
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter
@@ -162,6 +183,8 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
                 t_log, steps_since = time.perf_counter(), 0
 
             if every(step, config.log_every) or step == config.total_steps:
+                if lock is not None:
+                    lock.refresh()
                 metrics = jax.device_get(metrics)
                 check_finite("log")
                 dt = (time.perf_counter() - t_log) / max(steps_since, 1)
@@ -208,5 +231,7 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
             writer.close()
         for s, h in previous.items():
             signal.signal(s, h)
+        if lock is not None:
+            lock.release()
     summary.update(last_step=step, params=state.params, state=state)
     return summary
