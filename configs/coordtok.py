@@ -104,6 +104,7 @@ def data_config() -> ml_collections.ConfigDict:
     d.num_clips = 10_000
     d.synthetic_seed = 0
     d.synthetic_texture = 1.0  # 0 = flat backgrounds and shapes (same layout and motion)
+    d.synthetic_motion = 1.0  # scales pan, velocities and spin (0 = still pictures)
     # folder: root/class/*.avi|mp4|..., decoded with PyAV; eval_list = 'relative/path [start]' lines
     d.root = _optional_str()
     d.eval_list = _optional_str()
@@ -198,7 +199,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # (data, fsdp) or (data, fsdp, tensor); one entry may be -1 = fill with the remaining devices. The
     # batch is split over data x fsdp chips; fsdp also splits every weight and Adam moment (ZeRO-3);
     # tensor splits attention heads and the MLP (Megatron). See launch/README.md for each slice.
-    config.mesh.shape = (-1, 1)
+    # FSDP over every chip for the real sizes (the only way L + AdamW fits a v5e chip; measured per slice in
+    # launch/README.md); data parallel for the CPU-scale configs.
+    config.mesh.shape = (-1, 1) if tiny else (1, -1)  # one entry may be -1 = the remaining devices
     config.mesh.axes = ("data", "fsdp")
     config.logical_axis_rules = LOGICAL_AXIS_RULES
     config.distributed = "auto"  # auto: jax.distributed.initialize() on TPU VMs / when JAX_COORDINATOR_ADDRESS is set

@@ -132,7 +132,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.debug.kill_at_step = 0  # tests: SIGKILL after saving this step
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.shape = (-1, 1)  # (data, fsdp); one entry may be -1 = fill with the remaining devices
+    # FSDP over every chip for the real sizes (the only way L + AdamW fits a v5e chip; measured per slice in
+    # launch/README.md); data parallel for the CPU-scale configs.
+    config.mesh.shape = (-1, 1) if tiny else (1, -1)  # one entry may be -1 = the remaining devices
     config.mesh.axes = ("data", "fsdp")
     config.logical_axis_rules = sharding.LOGICAL_AXIS_RULES  # the same table as the tokenizer
     config.distributed = "auto"

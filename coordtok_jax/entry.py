@@ -5,7 +5,10 @@ is pip's wrapper (no docstring, no flags), so without this `coordtok-sample --he
 nothing. `run` defines the tool's flags, makes them key flags of whatever module is main, lends
 the tool's docstring to a main module that has none, and runs `main`; an error the user can fix
 (`UserError`, a missing or existing file, or the tool's own `errors`) is printed as `error: ...`
-and the exit status is 2, not a traceback.
+and the exit status is 2, not a traceback. Flags are absl's underscore names; the dashed spelling
+of any of them (`--num-videos`) is accepted as an alias. `--help` exits 0; a flag or config
+override that does not parse (an unknown field, a bad value, a missing config file) is one
+`error: ...` line (with absl's "did you mean" suggestion) and exit status 2.
 """
 
 from __future__ import annotations
@@ -39,4 +42,53 @@ def run(module_name: str, define_flags: Callable[[], None], main: Callable,
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(main_reporting_errors)
+    app.define_help_flags()
+    argv = dashed_aliases(sys.argv)
+    if any(a in HELP for a in argv[1:]):  # absl prints the usage and exits 1; asking for help is no error
+        try:
+            flags.FLAGS(argv)
+        except SystemExit as e:
+            sys.exit(0 if e.code in (None, 0, 1) else e.code)
+        except Exception:  # noqa: BLE001 - other flags may be wrong; the usage is what was asked for
+            app.usage(shorthelp=True, writeto_stdout=True)
+            sys.exit(0)
+    try:  # parse first, so that a flag or config override that does not parse is one error line
+        flags.FLAGS(argv)
+        for name in flags.FLAGS:  # config files load lazily: a missing one fails on first use
+            value = flags.FLAGS[name].value
+            if type(value).__name__ == "_ErrorConfig":
+                getattr(value, "keys")
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError, UserError) as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main_reporting_errors, argv=argv)
+
+
+HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def one_line(message: str) -> str:
+    """A message on one line; an embedded traceback is reduced to its final exception line."""
+    head, sep, tail = message.partition("Traceback (most recent call last):")
+    if sep:
+        last = [line for line in tail.splitlines() if line.strip()][-1:]
+        message = head + " " + " ".join(last)
+    return " ".join(part.strip() for part in message.splitlines() if part.strip()).replace("\\n", " ")
+
+
+def dashed_aliases(argv: Sequence[str]) -> list[str]:
+    """`--num-videos=3` -> `--num_videos=3` when `num_videos` is a defined flag (also --no-...)."""
+    out = list(argv[:1])
+    for arg in argv[1:]:
+        if arg == "--":
+            out.extend(argv[len(out):])
+            break
+        if arg.startswith("--") and "-" in arg[2:].split("=", 1)[0]:
+            name, eq, value = arg[2:].partition("=")
+            fixed = name.replace("-", "_")
+            if fixed in flags.FLAGS:
+                arg = f"--{fixed}{eq}{value}"
+            elif name.startswith("no-") and name[3:].replace("-", "_") in flags.FLAGS:  # --no-side-by-side
+                arg = f"--no{name[3:].replace('-', '_')}{eq}{value}"
+        out.append(arg)
+    return out

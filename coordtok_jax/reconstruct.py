@@ -1,17 +1,17 @@
 r"""Reconstruct a video file with a trained CoordTok (or decode saved tokens).
 
     python -m coordtok_jax.reconstruct --workdir=DIR --input=VIDEO --output=OUT.mp4
-        [--side-by-side] [--save-tokens=FILE.npz] [--mode=all|chunks] [--step=N]
-    python -m coordtok_jax.reconstruct --workdir=DIR --from-tokens=FILE.npz --output=OUT.mp4 [--input=VIDEO]
+        [--side_by_side] [--save_tokens=FILE.npz] [--mode=all|chunks] [--step=N]
+    python -m coordtok_jax.reconstruct --workdir=DIR --from_tokens=FILE.npz --output=OUT.mp4 [--input=VIDEO]
 
 Any size and length: frames are resized (PIL bicubic, shorter side) and center-cropped to the
 model's H x W as in training; the video is cut into consecutive T-frame windows (the last one
 shorter and padded as in training), each encoded to its triplane tokens and decoded, and the
 windows are stitched back. Writes OUT.mp4 at the input's resolution (the reconstruction
-upsampled, bicubic, onto the center-cropped region the model saw; with --side-by-side next to
+upsampled, bicubic, onto the center-cropped region the model saw; with --side_by_side next to
 that region of the input) and OUT_psnr.png (per-frame PSNR), and prints the token count and the
-PSNR (mean of per-frame PSNR on [0, 1] frames, at the model's resolution, as in training). --save-tokens writes the planes of every window
-(npz: z_xy, z_yt, z_xt, n_frames, fps, step); --from-tokens decodes such a file.
+PSNR (mean of per-frame PSNR on [0, 1] frames, at the model's resolution, as in training). --save_tokens writes the planes of every window
+(npz: z_xy, z_yt, z_xt, n_frames, fps, step); --from_tokens decodes such a file.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def define_flags():
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("input", None, "Video file to reconstruct (local or gs://).")
     flags.DEFINE_string("output", None, "Output .mp4 (the PSNR plot goes next to it as *_psnr.png).")
-    flags.DEFINE_bool("side-by-side", False, "Write original | reconstruction.")
-    flags.DEFINE_string("save-tokens", None, "Write the triplane tokens of every window to this .npz.")
-    flags.DEFINE_string("from-tokens", None, "Decode tokens saved with --save-tokens instead of encoding --input.")
+    flags.DEFINE_bool("side_by_side", False, "Write original | reconstruction.")
+    flags.DEFINE_string("save_tokens", None, "Write the triplane tokens of every window to this .npz.")
+    flags.DEFINE_string("from_tokens", None, "Decode tokens saved with --save_tokens instead of encoding --input.")
     flags.DEFINE_enum("mode", "all", ["all", "chunks"], "Decode every patch jointly, or in official chunks.")
     flags.DEFINE_integer("points_per_call", 1024, "Chunk size for --mode=chunks.")
     flags.DEFINE_integer("batch", 1, "Windows encoded/decoded per call.")
@@ -79,7 +79,7 @@ def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, 
     from coordtok_jax.models.decode_video import decode_video
 
     if not input_path and not from_tokens:
-        raise ValueError("give --input (a video to reconstruct) or --from-tokens (saved tokens to decode)")
+        raise ValueError("give --input (a video to reconstruct) or --from_tokens (saved tokens to decode)")
     if batch <= 0:
         raise ValueError(f"--batch must be positive, got {batch}")
     overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
@@ -184,12 +184,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir or not FLAGS.output:
-        raise app.UsageError("--workdir and --output are required, with --input and/or --from-tokens (see --help)")
+        raise app.UsageError("--workdir and --output are required, with --input and/or --from_tokens (see --help)")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
 
-    s = reconstruct(FLAGS.workdir, FLAGS.output, input_path=FLAGS.input, from_tokens=FLAGS["from-tokens"].value,
-                    save_tokens=FLAGS["save-tokens"].value, side_by_side=FLAGS["side-by-side"].value,
+    s = reconstruct(FLAGS.workdir, FLAGS.output, input_path=FLAGS.input, from_tokens=FLAGS.from_tokens,
+                    save_tokens=FLAGS.save_tokens, side_by_side=FLAGS.side_by_side,
                     mode=FLAGS.mode, points_per_call=FLAGS.points_per_call, batch=FLAGS.batch, step=FLAGS.step,
                     max_frames=FLAGS.max_frames, fps=FLAGS.fps, attention_impl=FLAGS.attention)
     psnr = f", PSNR {s['psnr']:.2f} dB" if "psnr" in s else ""

@@ -1,6 +1,6 @@
 r"""Sample videos with a trained triplane SiT and its tokenizer.
 
-    python -m coordtok_jax.sample --workdir=SIT_WORKDIR --num-videos=K --output=DIR
+    python -m coordtok_jax.sample --workdir=SIT_WORKDIR --num_videos=K --output=DIR
         [--sampler=sde|ode] [--steps=N] [--cfg_scale=S] [--seed=0] [--batch=8] [--step=N]
         [--fvd --i3d=i3d_pretrained_400.pt]
 
@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     flags.DEFINE_string("workdir", None, "The SiT run (train_sit workdir).")
-    flags.DEFINE_integer("num-videos", 8, "Videos to generate.")
+    flags.DEFINE_integer("num_videos", 8, "Videos to generate.")
     flags.DEFINE_string("output", None, "Directory for the mp4s and grid.gif.")
     flags.DEFINE_enum("sampler", None, ["sde", "ode"], "Override config.sampler.mode.")
     flags.DEFINE_integer("steps", None, "Override config.sampler.num_steps.")
@@ -77,7 +77,7 @@ def sample(workdir: str, output: str, *, num_videos: int = 8, sampler: Optional[
     from coordtok_jax.evaluate.loading import load_tokenizer
 
     if num_videos <= 0 or batch <= 0:
-        raise ValueError(f"--num-videos and --batch must be positive, got {num_videos}, {batch}")
+        raise ValueError(f"--num_videos and --batch must be positive, got {num_videos}, {batch}")
     if fvd and not i3d_path:
         raise ValueError("--fvd needs --i3d=i3d_pretrained_400.pt")
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
 
-    s = sample(FLAGS.workdir, FLAGS.output, num_videos=FLAGS["num-videos"].value, sampler=FLAGS.sampler,
+    s = sample(FLAGS.workdir, FLAGS.output, num_videos=FLAGS.num_videos, sampler=FLAGS.sampler,
                steps=FLAGS.steps, seed=FLAGS.seed, batch=FLAGS.batch, step=FLAGS.step, fvd=FLAGS.fvd,
                i3d_path=FLAGS.i3d, fps=FLAGS.fps, attention_impl=FLAGS.attention, cfg_scale=FLAGS.cfg_scale)
     fvd = f", gFVD {s['gfvd']:.1f}" if "gfvd" in s else ""

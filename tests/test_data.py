@@ -245,7 +245,7 @@ def test_prepare_cli(tmp_path):
     assert json.loads((tmp_path / "metadata.json").read_text())["num_clips"] == 3
     help_proc = subprocess.run([sys.executable, "-m", "coordtok_jax.data.prepare", "--help"], cwd=ROOT,
                                capture_output=True, text=True, timeout=120)
-    assert "--num-shards" in help_proc.stdout and "--output" in help_proc.stdout
+    assert "--num_shards" in help_proc.stdout and "--output" in help_proc.stdout
     missing = subprocess.run([sys.executable, "-m", "coordtok_jax.data.prepare", "--source=folder",
                               f"--input={tmp_path}/nope", f"--output={tmp_path}/o"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)

@@ -170,7 +170,7 @@ def test_reconstruct_cli_and_tokens_round_trip(trained, tmp_path):
     assert one["frames"] == 1 and one["windows"] == 1 and one["output_size"] == [60, 60]
     plot = np.asarray(Image.open(tmp_path / "one_psnr.png").convert("RGB"))
     assert ((plot == [200, 30, 30]).all(-1)).sum() > 10  # a single frame still shows as a point
-    with pytest.raises(ValueError, match="or --from-tokens"):
+    with pytest.raises(ValueError, match="or --from_tokens"):
         reconstruct(str(trained), str(tmp_path / "x.mp4"))
     bad = tmp_path / "bad.npz"
     np.savez(bad, z_xy=np.zeros((1, 4, 4, 8)), z_yt=np.zeros((1, 8, 8, 8)), z_xt=np.zeros((1, 8, 8, 8)),

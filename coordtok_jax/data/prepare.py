@@ -1,7 +1,7 @@
 r"""Pre-decode clips into ArrayRecord shards (the fast input path for TPU VMs).
 
     python -m coordtok_jax.data.prepare --source=folder --input=UCF-101/ --output=gs://bucket/ucf101_128 \
-        --num-shards=64 [--height=128 --width=128] [--workers=8]
+        --num_shards=64 [--height=128 --width=128] [--workers=8]
 
 Each video of the UCF-101-style tree INPUT/class/*.avi|mp4|... is decoded with PyAV, every frame
 resized (PIL bicubic, shorter side) and center-cropped as the official preprocessing does, and
@@ -38,7 +38,7 @@ def define_flags():
     flags.DEFINE_enum("source", "folder", ["folder", "synthetic"], "What to read.")
     flags.DEFINE_string("input", None, "Root of the class/video tree (--source=folder).")
     flags.DEFINE_string("output", None, "Output directory, local or gs://.")
-    flags.DEFINE_integer("num-shards", 8, "Number of ArrayRecord shards.", lower_bound=1)
+    flags.DEFINE_integer("num_shards", 8, "Number of ArrayRecord shards.", lower_bound=1)
     flags.DEFINE_integer("height", 128, "Frame height after resize + center crop.", lower_bound=1)
     flags.DEFINE_integer("width", 128, "Frame width after resize + center crop.", lower_bound=1)
     flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Decoding processes.", lower_bound=1)
@@ -139,7 +139,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.output:
         raise app.UsageError("--output is required")
-    prepare(FLAGS.source, FLAGS.input, FLAGS.output, FLAGS["num-shards"].value, FLAGS.height, FLAGS.width,
+    prepare(FLAGS.source, FLAGS.input, FLAGS.output, FLAGS.num_shards, FLAGS.height, FLAGS.width,
             FLAGS.workers, FLAGS.num_clips, FLAGS.frames, FLAGS.overwrite)
 
 

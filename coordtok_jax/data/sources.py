@@ -38,11 +38,12 @@ class SyntheticSource:
     """Procedural clips, deterministic per (seed, index) (data/synthetic.py)."""
 
     def __init__(self, shape, num_clips: int, seed: int, min_frames: Optional[int] = None, short_fraction: float = 0.25,
-                 texture: float = 1.0):
+                 texture: float = 1.0, motion: float = 1.0):
         if num_clips <= 0:
             raise DataError(f"synthetic: config.data.num_clips must be positive, got {num_clips}")
         self.shape, self.num_clips, self.seed = tuple(shape), int(num_clips), int(seed)
         self.min_frames, self.short_fraction, self.texture = min_frames, short_fraction, float(texture)
+        self.motion = float(motion)
         self.name = f"synthetic(seed={seed}, {num_clips} clips)"
 
     def __len__(self):
@@ -54,7 +55,8 @@ class SyntheticSource:
     def load(self, i, rng):
         del rng  # deterministic per index
         video, n = synthetic_clip(self.seed, i, self.shape, min_frames=self.min_frames,
-                                  short_fraction=self.short_fraction, texture=self.texture)
+                                  short_fraction=self.short_fraction, texture=self.texture,
+                                  motion=self.motion)
         return {"video": video, "n_frames": n, "label": -1}
 
 
@@ -195,7 +197,8 @@ def make_source(data, shape, *, train: bool = True):
         # the held-out split is another seed (clips are a function of (seed, index))
         seed = data.get("synthetic_seed", 0) + (0 if train else 1)
         return SyntheticSource(shape, data.num_clips, seed, data.get("min_frames"),
-                               texture=data.get("synthetic_texture", 1.0))
+                               texture=data.get("synthetic_texture", 1.0),
+                               motion=data.get("synthetic_motion", 1.0))
     if kind == "folder":
         return FolderSource(data.root, shape, None if train else data.get("eval_list"))
     if kind == "array_record":

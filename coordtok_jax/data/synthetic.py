@@ -19,11 +19,14 @@ def synthetic_clip(
     min_frames: int | None = None,
     short_fraction: float = 0.25,
     texture: float = 1.0,
+    motion: float = 1.0,
 ) -> tuple[np.ndarray, int]:
     """Returns (frames uint8 (T, H, W, 3), n_frames).
 
     `texture` scales the background's gratings and checker and the shapes' stripes (1: the default
     data; 0: flat backgrounds and flat shapes; the clip's layout and motion do not change).
+    `motion` scales the background's pan and the shapes' velocities and spin (1: the default data;
+    0: a still picture; the layout, colours and textures do not change).
     """
     T, H, W = (int(s) for s in shape)
     if min(T, H, W) <= 0:
@@ -34,7 +37,7 @@ def synthetic_clip(
     ys = np.arange(W, dtype=np.float32)[None, None, :] / W
 
     # Background: two oriented gratings and a checker texture, panning at a random velocity.
-    pan = rng.uniform(-0.02, 0.02, size=2).astype(np.float32)
+    pan = (motion * rng.uniform(-0.02, 0.02, size=2)).astype(np.float32)
     bx, by = xs + pan[0] * t, ys + pan[1] * t
     base = rng.uniform(0.2, 0.8, size=3).astype(np.float32)
     video = np.broadcast_to(base, (T, H, W, 3)).copy()
@@ -51,8 +54,8 @@ def synthetic_clip(
         kind = rng.integers(0, 3)
         size = rng.uniform(0.08, 0.25)
         pos = rng.uniform(size, 1 - size, size=2)
-        vel = rng.uniform(-0.03, 0.03, size=2)
-        spin = rng.uniform(-0.2, 0.2)
+        vel = motion * rng.uniform(-0.03, 0.03, size=2)
+        spin = motion * rng.uniform(-0.2, 0.2)
         color = rng.uniform(0, 1, size=3).astype(np.float32)
         stripes = rng.uniform(10, 30)
         # Bounce off the borders: reflect the unbounded trajectory into [size, 1 - size].

@@ -1,7 +1,7 @@
 r"""Evaluate a CoordTok checkpoint (rFVD, PSNR, SSIM, LPIPS) with the paper's protocol.
 
     python -m coordtok_jax.evaluate --workdir=DIR [--config=configs/coordtok.py:ARG] [--step=N]
-        [--num-videos=10000] [--i3d=i3d_pretrained_400.pt] [--mode=all|chunks] [--batch=B]
+        [--num_videos=10000] [--i3d=i3d_pretrained_400.pt] [--mode=all|chunks] [--batch=B]
 
 Writes DIR/eval_STEP.json and DIR/eval_STEP.md; see coordtok_jax/evaluate/run.py.
 """
@@ -20,7 +20,7 @@ def define_flags():
     config_flags.DEFINE_config_file("config", None, "Data / LPIPS / mesh config (default: the checkpoint's).",
                                     lock_config=False)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_integer("num-videos", 10_000, "Random clips to evaluate (the paper: 10,000).")
+    flags.DEFINE_integer("num_videos", 10_000, "Random clips to evaluate (the paper: 10,000).")
     flags.DEFINE_string("i3d", None, "I3D weights (i3d_pretrained_400.pt) for rFVD; skipped without.")
     flags.DEFINE_enum("mode", "all", ["all", "chunks"], "Decode every patch jointly, or in official chunks.")
     flags.DEFINE_integer("points_per_call", None, "Chunk size for --mode=chunks (default: config.num_points).")
@@ -39,7 +39,7 @@ def main(argv):
         logging.set_verbosity(logging.ERROR)
     from coordtok_jax.evaluate.run import evaluate, markdown
 
-    results = evaluate(FLAGS.workdir, config=FLAGS.config, step=FLAGS.step, num_videos=FLAGS["num-videos"].value,
+    results = evaluate(FLAGS.workdir, config=FLAGS.config, step=FLAGS.step, num_videos=FLAGS.num_videos,
                        batch=FLAGS.batch, mode=FLAGS.mode, points_per_call=FLAGS.points_per_call,
                        i3d_path=FLAGS.i3d, seed=FLAGS.seed, attention_impl=FLAGS.attention,
                        output_dir=FLAGS.output_dir)

@@ -1,7 +1,7 @@
 r"""Evaluate a tokenizer checkpoint with the paper's protocol: rFVD, PSNR, SSIM, LPIPS.
 
     python -m coordtok_jax.evaluate --workdir=DIR [--config=configs/coordtok.py:L] [--step=N]
-        [--num-videos=10000] [--i3d=i3d_pretrained_400.pt] [--mode=all|chunks] [--batch=B]
+        [--num_videos=10000] [--i3d=i3d_pretrained_400.pt] [--mode=all|chunks] [--batch=B]
 
 `num_videos` clips (default 10,000) are drawn at random, with replacement, from the evaluation
 split of `config.data` (random videos, random T-frame windows; shorter videos padded as in
