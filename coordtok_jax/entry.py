@@ -53,7 +53,7 @@ def run(module_name: str, define_flags: Callable[[], None], main: Callable,
             app.usage(shorthelp=True, writeto_stdout=True)
             sys.exit(0)
     try:  # parse first, so that a flag or config override that does not parse is one error line
-        flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
         for name in flags.FLAGS:  # config files load lazily: a missing one fails on first use
             value = flags.FLAGS[name].value
             if type(value).__name__ == "_ErrorConfig":
@@ -61,7 +61,8 @@ def run(module_name: str, define_flags: Callable[[], None], main: Callable,
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError, UserError) as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
-    app.run(main_reporting_errors, argv=argv)
+    app.run(main_reporting_errors, argv=argv, flags_parser=lambda _: remaining)  # parsed once (config overrides
+    # define their flags while parsing: a second parse would define them twice)
 
 
 HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
