@@ -21,14 +21,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-REFERENCE = ROOT.parent / "shared" / "reference"
+# Official facts the parity tests compare with: state_dict key layouts (names, shapes, dtypes) of the
+# released CoordTok-L, the reference small CoordTok, SiT-L/2 and the I3D of the FVD protocol, and the
+# LPIPS linear layers (lpips/weights/v0.1/vgg.pth, a legacy-format torch file).
+REFERENCE = ROOT / "tests" / "data" / "reference"
 
 
 @pytest.fixture(scope="session")
 def reference_dir():
-    """../shared/reference when this checkout has it (tests that need it skip otherwise)."""
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/reference is not beside this checkout")
+    """tests/data/reference: the official state_dict layouts and the LPIPS linear weights."""
+    assert REFERENCE.is_dir(), f"{REFERENCE} is missing"
     return REFERENCE
 
 

@@ -13,7 +13,7 @@ import numpy_reference as ref
 from coordtok_jax.models import CoordTok, count_params
 from coordtok_jax.models.patches import grid_indices, indices_to_coords
 
-# Official totals (shared/reference/*_state_dict.json); the JSON is preferred when present.
+# Official totals (tests/data/reference/*_state_dict.json hold the full layouts).
 OFFICIAL_NUMEL = {"tiny": 511_408, "L": 853_410_496}
 
 

@@ -2,7 +2,7 @@
 
 Reproduces, in inference mode, the PyTorch `InceptionI3d(400, in_channels=3)` of piergiaj/pytorch-i3d
 as used (with `i3d_pretrained_400.pt`) by the DIGAN/TATS/VideoGPT-style FVD code that the official
-CoordTok evaluation loads; its state_dict layout is `../shared/reference/i3d_state_dict.json`.
+CoordTok evaluation loads; its state_dict layout is `tests/data/reference/i3d_state_dict.json`.
 
 Layout: our API is channel-last. Videos are (B, T, H, W, 3) float in [-1, 1] at 224x224 (see
 `preprocess`), where the PyTorch model takes (B, 3, T, H, W). Torch Conv3d kernels (O, I, kT, kH, kW)

@@ -1,6 +1,6 @@
 """Analytic FLOPs of a CoordTok training step, for the MFU estimate.
 
-Conventions of ../shared/reference/official_coordtok_flops.md: matmul/conv FLOPs only (1 MAC =
+Conventions (those of the official FLOPs accounting): matmul/conv FLOPs only (1 MAC =
 2 FLOPs; norms, softmax, GELU and the bilinear gather are ignored), training = 3 x forward for
 trainable modules, attention = 4 * S_q * S_kv * D per layer, frozen LPIPS = forward of the target
 frames + forward and input-gradient of the predicted frames. With the released config this
