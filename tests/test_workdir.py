@@ -70,3 +70,40 @@ def test_a_garbage_config_json_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(wd.WorkdirError, match="config.json is not valid JSON"):
         wd.check_config(epath.Path(tmp_path), {}, has_checkpoint=True)
+
+
+@pytest.mark.parametrize("schedule, warmup", [("constant", 0), ("constant", 10), ("cosine", 10)])
+def test_learning_rate_schedule_against_its_formula(schedule, warmup):
+    """train.state.lr_schedule: linear warm-up, then constant or cosine decay to 0 at total_steps
+    (checked against the closed form in float64)."""
+    import math
+
+    import coordtok
+
+    from coordtok_jax.train.state import learning_rate
+
+    config = coordtok.get_config("tiny")
+    with config.unlocked():
+        config.total_steps, config.optimizer.learning_rate = 100, 2e-3
+        config.optimizer.warmup_steps, config.optimizer.schedule = warmup, schedule
+    for step in (0, 5, 10, 40, 99, 100):
+        if step < warmup:
+            want = 2e-3 * step / warmup
+        elif schedule == "constant":
+            want = 2e-3
+        else:
+            want = 2e-3 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (100 - warmup)))
+        assert float(learning_rate(config, step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
+
+
+def test_an_unknown_schedule_is_named():
+    import coordtok
+
+    from coordtok_jax.errors import UserError
+    from coordtok_jax.train.state import make_optimizer
+
+    config = coordtok.get_config("tiny")
+    with config.unlocked():
+        config.optimizer.schedule = "linear"
+    with pytest.raises(UserError, match="config.optimizer.schedule must be 'constant' or 'cosine'"):
+        make_optimizer(config)

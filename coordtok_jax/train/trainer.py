@@ -226,6 +226,7 @@ def write_eval_pictures(workdir, step: int, frames: np.ndarray, n_frames: np.nda
 
     from coordtok_jax import pictures
     from coordtok_jax.data.video_io import write_video
+    from coordtok_jax.train.workdir import write_text_atomic
 
     valid = np.arange(frames.shape[1])[None, :] < np.asarray(n_frames)[:, None]
     shown = np.where(valid[:, :, None, None, None], (recon * 255 + 0.5).astype(np.uint8), frames)
@@ -236,9 +237,7 @@ def write_eval_pictures(workdir, step: int, frames: np.ndarray, n_frames: np.nda
     history_file = samples / "psnr.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
     history = [h for h in history if h[0] < step] + [[step, psnr]]  # a resumed run rewrites what it repeats
-    tmp = samples / ".psnr.json.tmp"
-    tmp.write_text(json.dumps(history))
-    tmp.replace(history_file)
+    write_text_atomic(history_file, json.dumps(history))
     pictures.line_plot([("held-out PSNR", [h[0] for h in history], [h[1] for h in history])], workdir / "psnr.png",
                        title=f"held-out PSNR (dB), {len(frames)} clips, every patch decoded", xlabel="step")
 
