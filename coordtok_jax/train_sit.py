@@ -273,12 +273,12 @@ def train_sit(config, workdir: str) -> dict:
     validate_sit_config(config, mesh, jax.process_count())
     if cache:
         config, meta = _adopt_cache(config)
-    workdir, is_main = loop.prepare_workdir(workdir, config)
-    done = loop.finished(workdir, config)
-    if done:
-        return done
-    with jax.set_mesh(mesh):
-        return _train_sit(config, workdir, is_main, mesh, cache)
+    with loop.prepared_workdir(workdir, config) as (workdir, is_main):
+        done = loop.finished(workdir, config)
+        if done:
+            return done
+        with jax.set_mesh(mesh):
+            return _train_sit(config, workdir, is_main, mesh, cache)
 
 
 def _train_sit(config, workdir, is_main, mesh, cache: bool) -> dict:

@@ -106,6 +106,7 @@ def test_a_finished_run_says_so_and_writes_nothing(straight_run):
     assert "already at step 20 (config.total_steps=20)" in printed.getvalue()
     assert "--config.total_steps=N, N > 20" in printed.getvalue()
     assert sorted(os.listdir(workdir / "tb")) == before  # no new, empty event file
+    assert not (workdir / "LOCK").exists()  # the lock taken to check the workdir is given back
 
 
 def test_eval_pictures_show_padding_the_same_on_both_sides(tmp_path):
@@ -266,7 +267,146 @@ def test_resume_with_harmless_changes_is_recorded(straight_run, tmp_path):
     shutil.copytree(straight_run[0], workdir)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        loop.prepare_workdir(str(workdir), tiny(total_steps=40, save_every=10, eval_every=20, log_every=7))
+        with loop.prepared_workdir(str(workdir), tiny(total_steps=40, save_every=10, eval_every=20, log_every=7)):
+            assert (workdir / "LOCK").exists()
+    assert not (workdir / "LOCK").exists()
     assert "total_steps: 20 -> 40" in printed.getvalue() and "log_every: 5 -> 7" in printed.getvalue()
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["total_steps"] == 40 and saved["log_every"] == 7
+
+
+def _truncate(step_dir):
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 16:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _garbage(step_dir):
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(os.urandom(max(64, f.stat().st_size)))
+
+
+def _no_state(step_dir):
+    import shutil
+
+    shutil.rmtree(step_dir / "state")
+
+
+def _empty(step_dir):
+    import shutil
+
+    for child in step_dir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _no_manifest(step_dir):
+    for f in (step_dir / "state").rglob("manifest.ocdbt"):
+        f.unlink()
+
+
+def _bad_iterator_json(step_dir):
+    for f in (step_dir / "data").rglob("*"):
+        if f.is_file():
+            f.write_text("{not json")
+
+
+CORRUPTIONS = dict(truncated=_truncate, garbage=_garbage, no_state=_no_state, empty_step_dir=_empty,
+                   no_manifest=_no_manifest, bad_iterator_json=_bad_iterator_json)
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_step(straight_run, tmp_path):
+    """Each way a step can be torn (truncated or garbage arrays, manifest or state/ missing, empty
+    step folder, garbage in the iterator's json) is skipped with one line, kept aside as
+    STEP.unreadable, and the previous step restores exactly; with none readable, one error names
+    every step."""
+    import shutil
+
+    from coordtok_jax import sharding as sharding_lib
+    from coordtok_jax.data.pipeline import make_dataset
+    from coordtok_jax.train.checkpoint import CheckpointError, Checkpointer
+
+    config = tiny(total_steps=20, save_every=10, eval_every=20, log_every=5)
+    mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
+    plan, _, _ = trainer.build_step(config, mesh)
+    shape = tuple(config.model.video_shape)
+
+    def restore_latest(workdir):
+        ckpt, lines = Checkpointer(str(workdir), keep_last=3), []
+        try:
+            with jax.set_mesh(mesh):
+                got = ckpt.restore_latest(plan.abstract, iter(make_dataset(config.data, shape, 8)), lines.append)
+        finally:
+            ckpt.close()
+        return got, lines
+
+    (reference, step), _ = restore_latest(straight_run[0])
+    assert step == 20
+    intact = Checkpointer(str(straight_run[0]), keep_last=3)
+    with jax.set_mesh(mesh):
+        at_10 = intact.restore(10, plan.abstract, iter(make_dataset(config.data, shape, 8)))
+    intact.close()
+    for name, corrupt in CORRUPTIONS.items():
+        workdir = tmp_path / name
+        shutil.copytree(straight_run[0], workdir)
+        corrupt(workdir / "checkpoints" / "20")
+        (state, step), lines = restore_latest(workdir)
+        assert step == 10, name
+        assert len(lines) == 1 and "checkpoints/20 cannot be restored" in lines[0] and "20.unreadable" in lines[0], \
+            (name, lines)
+        assert (workdir / "checkpoints" / "20.unreadable").is_dir()  # kept for inspection, never deleted
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(at_10.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    workdir = tmp_path / "none_readable"
+    shutil.copytree(straight_run[0], workdir)
+    for step_dir in ("10", "20"):
+        _garbage(workdir / "checkpoints" / step_dir)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored: 20: .*; 10: "):
+        restore_latest(workdir)
+
+
+def test_a_resume_on_a_torn_latest_checkpoint_continues_from_the_previous_one(straight_run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    _truncate(workdir / "checkpoints" / "20")
+    r = train_cli(workdir, "--config.total_steps=25")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoints/20 cannot be restored" in r.stdout and f"resumed from {workdir}/checkpoints/10" in r.stdout
+    assert "Traceback" not in r.stderr
+    assert {"20", "25", "20.unreadable"} <= set(os.listdir(workdir / "checkpoints"))
+
+
+def test_a_failed_save_stops_with_its_cause_and_keeps_the_previous_step(tmp_path, monkeypatch):
+    """Fault injection: the asynchronous write fails with ENOSPC deep inside Orbax. The error is one
+    line (path, 'No space left on device', which step is intact) and the half-written folder is gone."""
+    import errno
+
+    from coordtok_jax.train.checkpoint import CheckpointError, Checkpointer
+
+    state = {"w": jax.numpy.arange(8.0)}
+    import grain
+
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt = Checkpointer(str(tmp_path), keep_last=3)
+    ckpt.save(1, state, data, tiny(), force=True)
+    ckpt.wait()
+    (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234").mkdir()
+
+    def full_disk(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints" / "2"))
+        except OSError as e:
+            raise RuntimeError("async write of 'state' failed; see the logs") from e
+
+    monkeypatch.setattr(ckpt.manager, "save", full_disk)
+    with pytest.raises(CheckpointError) as info:
+        ckpt.save(2, state, data, tiny(), force=True)
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert f"saving {tmp_path}/checkpoints/2 failed" in message and "checkpoints/1 is intact" in message
+    assert not (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234").exists()
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+    monkeypatch.undo()
+    ckpt.close()

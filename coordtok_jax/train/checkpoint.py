@@ -7,8 +7,10 @@ directly into the current shardings), `data` (each host's grain iterator state) 
 
 from __future__ import annotations
 
+import errno
 import json
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import grain
 import jax
@@ -17,7 +19,38 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
+from coordtok_jax.errors import UserError
+
 _HANDLER_SET = False
+UNREADABLE = ".unreadable"  # suffix of a step folder that could not be restored, kept for inspection
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint could not be written or none could be read; the message names the path and the
+    cause (e.g. 'No space left on device') and what is still intact."""
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (Orbax wraps the OSError of a failed write several times)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = e.__cause__ or e.__context__
+        if nxt is None:
+            break
+        e = nxt
+    return e
+
+
+def describe(e: BaseException) -> str:
+    """'No space left on device' for an OSError, else 'Type: first line of the message'."""
+    cause = root_cause(e)
+    for err in (cause, e):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            where = f" ({err.filename})" if err.filename else ""
+            return f"{err.strerror or errno.errorcode.get(err.errno)}{where}"
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
 def _whole_array_saves_on_cpu() -> None:
@@ -51,17 +84,86 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+        self._pending: Optional[int] = None  # step of the last save started
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def _saved(self) -> Optional[int]:
+        """The newest step folder that was finalized (what a failed save leaves intact)."""
+        self.manager.reload()
+        return self.manager.latest_step()
+
+    def _failed(self, step: int, e: BaseException) -> "CheckpointError":
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*") if self.directory.exists() else []:
+            try:  # the half-written folder of the failed save; finished steps are never touched
+                tmp.rmtree() if tmp.is_dir() else tmp.unlink()
+            except OSError:
+                pass
+        try:
+            intact = self._saved()
+        except Exception:  # noqa: BLE001 - the directory itself may be unreadable
+            intact = None
+        kept = f"checkpoints/{intact} is intact" if intact is not None else "no earlier checkpoint exists"
+        return CheckpointError(f"saving {self.directory}/{step} failed: {describe(e)}; {kept}")
+
     def save(self, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
+        """Starts an asynchronous save; an error of the previous one is raised here (one line:
+        the path and the cause) instead of Orbax's traceback."""
+        self.check()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(config_to_json(config)),
         )
-        return self.manager.save(int(step), args=args, force=force)
+        self._pending = int(step)
+        try:
+            return self.manager.save(int(step), args=args, force=force)
+        except Exception as e:  # noqa: BLE001 - reported with its cause
+            raise self._failed(step, e) from e
+
+    def check(self) -> None:
+        """Raises CheckpointError if the last asynchronous save failed (called at every log, so a
+        full disk stops training at once instead of at the next save)."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._pending = None
+            raise self._failed(pending, e) from e
+
+    def restore_latest(self, abstract_state, data_iterator, log: Callable[[str], None] = print):
+        """(state, step) of the newest step that restores, or None when there is no checkpoint.
+
+        A step that cannot be read (torn write, garbage in a file, missing item) is renamed to
+        STEP.unreadable (kept for inspection, out of Orbax's way) and the previous step is tried;
+        one line per skipped step says what was wrong. Raises CheckpointError when steps exist and
+        none restores.
+        """
+        from jax.experimental import multihost_utils
+
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, abstract_state, data_iterator), step
+            except Exception as e:  # noqa: BLE001 - any unreadable step is skipped
+                reason = describe(e)
+                failures.append(f"{step}: {reason}")
+                aside = self.directory / f"{step}{UNREADABLE}"
+                if jax.process_index() == 0:
+                    if aside.exists():
+                        aside = self.directory / f"{step}{UNREADABLE}.{int(time.time())}"
+                    (self.directory / str(step)).rename(aside)
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices(f"checkpoint_fallback_{step}")
+                self.manager.reload()
+                log(f"{self.directory}/{step} cannot be restored ({reason}); moved to {aside.name}, "
+                    f"trying the previous step")
+        if failures:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored: " + "; ".join(failures))
+        return None
 
     def restore(self, step: int, abstract_state, data_iterator):
         """State restored into abstract_state's shardings; the iterator's position set in place."""
@@ -75,11 +177,17 @@ class Checkpointer:
         return restored["state"]
 
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(self._pending or 0, e) from e
+        self.check()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def resolve_step(path: str, step: Optional[int] = None) -> tuple[epath.Path, int]:

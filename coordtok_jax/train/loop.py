@@ -18,6 +18,7 @@ a host batch into global arrays) and calls `run(config, workdir, task)` under it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -68,12 +69,12 @@ def refuse_params_only(workdir: epath.Path) -> None:
             f"not a run to resume: start from it with --config.init_from={workdir} and a new --workdir")
 
 
-def prepare_workdir(workdir, config) -> tuple[epath.Path, bool]:
+@contextlib.contextmanager
+def prepared_workdir(workdir, config) -> Iterator[tuple[epath.Path, bool]]:
     """(workdir, is_main), before anything is written: refuses a parameters-only workdir and a
     resume whose config changes what the checkpoint holds (every process); takes the workdir lock
-    and writes config.json atomically (process 0)."""
-    import atexit
-
+    and writes config.json atomically (process 0). The lock is released when the block exits, by
+    any path (finished run, error, signal)."""
     from coordtok_jax.train.checkpoint import config_to_json
     from coordtok_jax.train.workdir import Lock, WorkdirError, check_config, write_text_atomic
 
@@ -93,11 +94,15 @@ def prepare_workdir(workdir, config) -> tuple[epath.Path, bool]:
         except OSError as e:
             raise WorkdirError(f"cannot create the workdir {workdir}: {e.strerror or e}") from e
         lock = Lock(workdir).acquire()
-        atexit.register(lock.release)
-        if accepted:
-            print(f"{workdir}: resuming with changed settings: " + "; ".join(accepted))
-        write_text_atomic(workdir / "config.json", json.dumps(requested, indent=2))
-    return workdir, is_main
+        try:
+            if accepted:
+                print(f"{workdir}: resuming with changed settings: " + "; ".join(accepted))
+            write_text_atomic(workdir / "config.json", json.dumps(requested, indent=2))
+            yield workdir, is_main
+        finally:
+            lock.release()
+    else:
+        yield workdir, is_main
 
 
 def finished(workdir: epath.Path, config) -> Optional[dict]:
@@ -125,9 +130,9 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
 
     # --- checkpoint / resume (restored straight into the plan's shardings) -------------------
     ckpt = Checkpointer(str(workdir), config.keep_last, config.keep_every)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, task.plan.abstract, task.data_iter)
+    restored = ckpt.restore_latest(task.plan.abstract, task.data_iter, log=print if is_main else (lambda _: None))
+    if restored is not None:
+        state, start = restored
         if is_main:
             print(f"resumed from {workdir}/checkpoints/{start}")
     else:
@@ -139,7 +144,7 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
     # --- logging ----------------------------------------------------------------------------
     from coordtok_jax.train.workdir import Lock
 
-    lock = Lock(workdir).acquire() if is_main else None  # held since prepare_workdir: refreshed at each log
+    lock = Lock(workdir).acquire() if is_main else None  # held since prepared_workdir: refreshed at each log
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter
@@ -185,6 +190,7 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
             if every(step, config.log_every) or step == config.total_steps:
                 if lock is not None:
                     lock.refresh()
+                ckpt.check()  # a failed asynchronous save stops the run here, with its cause
                 metrics = jax.device_get(metrics)
                 check_finite("log")
                 dt = (time.perf_counter() - t_log) / max(steps_since, 1)

@@ -154,13 +154,13 @@ def train(config, workdir: str) -> dict:
     maybe_initialize_distributed(config.distributed)
     mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
     geometry = validate_training_config(config, mesh, jax.process_count())
-    workdir, is_main = loop.prepare_workdir(workdir, config)
-    done = loop.finished(workdir, config)
-    if done:
-        return done
-    logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
-    with jax.set_mesh(mesh):
-        return _train(config, workdir, is_main, mesh, geometry)
+    with loop.prepared_workdir(workdir, config) as (workdir, is_main):
+        done = loop.finished(workdir, config)
+        if done:
+            return done
+        logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
+        with jax.set_mesh(mesh):
+            return _train(config, workdir, is_main, mesh, geometry)
 
 
 def _train(config, workdir, is_main, mesh, geometry) -> dict:
