@@ -110,6 +110,7 @@ def data_config() -> ml_collections.ConfigDict:
     d.eval_list = _optional_str()
     # array_record: a directory of *.array_record shards (or a glob), local or gs://
     d.path = _optional_str()
+    d.allow_resize = False  # prepared shards at another resolution than the model: error unless True
     # tfds: tfds.data_source(name, split, data_dir)
     d.name = _optional_str()
     d.split = "train"

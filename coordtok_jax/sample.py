@@ -48,11 +48,12 @@ def load_sit(workdir: str, step: Optional[int] = None, mesh=None):
     import jax
 
     from coordtok_jax import sharding as sharding_lib
-    from coordtok_jax.train.checkpoint import read_config, resolve_step, restore_partial
+    from coordtok_jax.train.checkpoint import read_config, require_kind, resolve_step, restore_partial
     from coordtok_jax.train_sit import split_sit
 
     _, step = resolve_step(workdir, step)
     config = read_config(workdir, step)
+    require_kind(config, "sit", workdir, "sample")
     graphdef, abstract_params, buffers = split_sit(config, sharding_lib.rules_of(config) if mesh else None)
     dev = sharding_lib.replicated(mesh) if mesh else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     sds = lambda shape: jax.ShapeDtypeStruct(shape, np.float32, sharding=dev)

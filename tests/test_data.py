@@ -16,7 +16,7 @@ import video_files
 from coordtok_jax.data import records
 from coordtok_jax.data.pipeline import make_dataset
 from coordtok_jax.data.prepare import prepare
-from coordtok_jax.data.sources import DataError, FolderSource
+from coordtok_jax.data.sources import DataError, FolderSource, make_source
 from coordtok_jax.data.video_io import decode_frames, resize_center_crop, take_window
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,6 +182,62 @@ def test_corrupt_files_are_skipped_counted_and_warned_once(corrupt_tree, caplog)
     warned = [r.getMessage() for r in caplog.records if "skipping unreadable clip" in r.getMessage()]
     assert len(warned) == len(set(warned))  # once per file
     assert {m.split("skipping unreadable clip ")[1].split(" (")[0].split(str(root) + "/")[1] for m in warned} <= set(bad)
+    # the distinct failed records the trainer counts: bad files only, each once
+    source = make_source(d, SHAPE)
+    distinct = {int(i) for b in batches for i in b["failed_records"].ravel() if i >= 0}
+    assert distinct and {source.describe(i).split(str(root) + "/")[1] for i in distinct} <= set(bad)
+    assert sum(int((b["failed_records"] >= 0).sum()) for b in batches) == failures  # no clip had > 4 failures here
+
+
+class _FlakySource:
+    """50 records; 7 and 8 fail to load. A clip's pixels hold its record index."""
+
+    name = "flaky(50 clips)"
+
+    def __len__(self):
+        return 50
+
+    def describe(self, i):
+        return f"record {i}"
+
+    def load(self, i, rng):
+        if i in (7, 8):
+            raise ValueError("truncated file")
+        return {"video": np.full(SHAPE + (3,), i, np.uint8), "n_frames": SHAPE[0]}
+
+
+def test_a_bad_record_is_replaced_by_a_random_other_record_deterministically():
+    from coordtok_jax.data.pipeline import ClipLoader
+
+    load = ClipLoader(_FlakySource(), seed=0, host=0)
+    picks = [int(load(p, 7)["video"][0, 0, 0, 0]) for p in range(40)]
+    assert not {7, 8} & set(picks)
+    assert len(set(picks)) >= 15  # spread over the records, not always the next one in order
+    assert picks == [int(load(p, 7)["video"][0, 0, 0, 0]) for p in range(40)]  # deterministic per (seed, position)
+    assert picks != [int(ClipLoader(_FlakySource(), seed=1, host=0)(p, 7)["video"][0, 0, 0, 0]) for p in range(40)]
+    clip = load(3, 7)
+    assert clip["decode_failures"] >= 1 and clip["failed_records"][0] == 7
+    assert int(load(3, 12)["decode_failures"]) == 0 and (load(3, 12)["failed_records"] == -1).all()
+
+
+def test_a_broken_eval_clip_is_named_and_replaced(corrupt_tree, tmp_path, caplog):
+    """The trainer's held-out clips go through the same loader: a broken first eval clip is logged by
+    name and replaced, not a crash at start-up."""
+    from coordtok_jax.data import pipeline
+    from coordtok_jax.train.trainer import _eval_clips
+
+    pipeline._WARNED.clear()  # warned once per process: another test may have met this file already
+    root, written, bad = corrupt_tree
+    listing = tmp_path / "eval.txt"
+    listing.write_text("".join(f"{rel}\n" for rel in [sorted(bad)[0]] + sorted(written)[:2]))
+    config = coordtok.get_config("tiny")
+    with config.unlocked():
+        config.data.source, config.data.root, config.data.eval_list = "folder", str(root), str(listing)
+        config.eval_videos = 3
+    caplog.set_level(logging.WARNING, logger="coordtok_jax.data.pipeline")
+    frames, n = _eval_clips(config, SHAPE)
+    assert frames.shape == (3,) + SHAPE + (3,) and (n >= 1).all()
+    assert any(sorted(bad)[0] in r.getMessage() for r in caplog.records if "skipping unreadable clip" in r.getMessage())
 
 
 def test_everything_failing_names_the_source_and_failures(tmp_path):
@@ -228,6 +284,14 @@ def test_prepare_then_read_array_record(corrupt_tree, tmp_path):
     again = iter(make_dataset(d, SHAPE, 3, process_index=0, process_count=1))
     again.set_state(state)
     assert_same_batches(take(again, 2), expected)
+
+    # shards prepared for another resolution: an error naming both, unless resizing is asked for
+    with pytest.raises(DataError, match=r"metadata.json: the prepared clips are 32x32 but the model takes 16x16.*"
+                                        r"allow_resize=True"):
+        make_dataset(d, (16, 16, 16), 3, process_index=0, process_count=1)
+    resized = data_config(source="array_record", path=str(out), num_workers=0, allow_resize=True)
+    assert next(iter(make_dataset(resized, (16, 16, 16), 3, process_index=0, process_count=1)))["video"].shape == \
+        (3, 16, 16, 16, 3)
 
     with pytest.raises(FileExistsError, match="--overwrite"):
         prepare("folder", str(root), str(out), num_shards=2, height=32, width=32, workers=1)

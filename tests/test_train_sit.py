@@ -157,8 +157,25 @@ def test_sit_export_import_round_trip_samples_identically(sit_run, tmp_path):
     assert not torch.equal(ckpt["ema"]["blocks.0.attn.qkv.weight"], ckpt["model"]["blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="--latent_stats"):
         sit_import(str(tmp_path / "sit.pth"), config, str(tmp_path / "imported"), None)
-    sit_import(str(tmp_path / "sit.pth"), config, str(tmp_path / "imported"), str(workdir / "latent_stats.json"))
+    exported = json.loads((tmp_path / "sit.pth.latent_stats.json").read_text())  # written beside the .pth
+    assert s["latent_stats"] == str(tmp_path / "sit.pth.latent_stats.json")
+    assert np.allclose(exported["mean"], json.loads((workdir / "latent_stats.json").read_text())["mean"], rtol=1e-6)
+    sit_import(str(tmp_path / "sit.pth"), config, str(tmp_path / "imported"), s["latent_stats"])
     a = sample(str(workdir), str(tmp_path / "a"), num_videos=2, batch=2, steps=2, progress=False)
     b = sample(str(tmp_path / "imported"), str(tmp_path / "b"), num_videos=2, batch=2, steps=2, progress=False)
     assert (tmp_path / "a" / "sample_0001.mp4").read_bytes() == (tmp_path / "b" / "sample_0001.mp4").read_bytes()
     assert a["videos"] == b["videos"] == 2
+
+
+def test_commands_on_the_wrong_kind_of_run_name_it_and_the_right_command(sit_run, tmp_path):
+    from coordtok_jax.convert.cli import sit_export, torch_export
+    from coordtok_jax.sample import sample
+
+    workdir, config, _, _ = sit_run
+    with pytest.raises(ValueError, match=r"holds a SiT run \(coordtok_jax.train_sit\), not a CoordTok tokenizer run.*"
+                                         r"torch-export cannot read it \(sample / convert sit-export read it"):
+        torch_export(str(workdir), str(tmp_path / "x.pth"))
+    with pytest.raises(ValueError, match=r"holds a CoordTok tokenizer run .*sample cannot read it"):
+        sample(str(config.tokenizer), str(tmp_path / "s"), num_videos=1, batch=1, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"holds a CoordTok tokenizer run .*sit-export cannot read it"):
+        sit_export(str(config.tokenizer), str(tmp_path / "y.pth"))

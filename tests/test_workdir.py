@@ -107,3 +107,36 @@ def test_an_unknown_schedule_is_named():
         config.optimizer.schedule = "linear"
     with pytest.raises(UserError, match="config.optimizer.schedule must be 'constant' or 'cosine'"):
         make_optimizer(config)
+
+
+def test_an_unreachable_gcs_path_fails_fast_with_one_line(tmp_path):
+    """gs:// whose endpoint accepts connections and never answers (a black hole, as with no network
+    behind a proxy): the check gives up after its timeout with one line naming the path; a refused
+    connection fails the same way."""
+    from gcs_emulator import emulator_env
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # accepts (the kernel does) and never replies
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens: connection refused
+    code = ("import sys, time; from coordtok_jax.remote import check_reachable, RemoteError\n"
+            "t = time.time()\n"
+            "try:\n    check_reachable(sys.argv[1], 'workdir', timeout=3)\n"
+            "except RemoteError as e:\n    print(round(time.time() - t, 1)); print(e)\n")
+    try:
+        for endpoint in (f"http://127.0.0.1:{hole.getsockname()[1]}", f"http://127.0.0.1:{closed_port}"):
+            env = {**os.environ, **emulator_env(endpoint)}
+            r = subprocess.run([sys.executable, "-c", code, "gs://bucket/run"], capture_output=True, text=True,
+                               env=env, timeout=120)
+            lines = r.stdout.strip().splitlines()
+            assert len(lines) == 2, (r.stdout, r.stderr[-2000:])
+            assert float(lines[0]) < 10, lines
+            assert lines[1].startswith("workdir gs://bucket/run: "), lines
+    finally:
+        hole.close()
+    from coordtok_jax.remote import check_reachable
+
+    check_reachable(str(tmp_path), "workdir", timeout=0.001)  # local paths are not probed

@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
@@ -38,7 +39,9 @@ from coordtok_jax.convert.torch_io import (
 )
 from coordtok_jax.models import validate
 from coordtok_jax.evaluate.loading import abstract_params
-from coordtok_jax.train.checkpoint import config_to_json, read_config, resolve_step, restore_params, save_params
+from coordtok_jax.train.checkpoint import (config_to_json, read_config, require_kind, resolve_step, restore_params,
+                                           save_params)
+from coordtok_jax.train.workdir import write_text_atomic
 
 FLAGS = flags.FLAGS
 COMMANDS = ("torch-export", "torch-import", "sit-export", "sit-import")
@@ -65,6 +68,7 @@ def torch_export(workdir: str, output: str, step=None, *, module_prefix: bool = 
         raise FileExistsError(f"--output={output} exists; pass --overwrite to replace it")
     directory, step = resolve_step(workdir, step)
     config = read_config(workdir, step)
+    require_kind(config, "tokenizer", workdir, "torch-export")
     validate(config.model)
     params, step = restore_params(str(directory.parent), abstract_params(config.model), step)
     state_dict = to_torch_state_dict(params)
@@ -92,7 +96,9 @@ def torch_import(checkpoint: str, config, workdir: str, *, overwrite: bool = Fal
 
 
 def sit_export(workdir: str, output: str, step=None, *, overwrite: bool = False) -> dict:
-    """A train_sit checkpoint -> {'model', 'ema', 'args'} with the official SiT keys (no 'opt')."""
+    """A train_sit checkpoint -> {'model', 'ema', 'args'} with the official SiT keys (no 'opt': the
+    official sampler reads 'ema' only), and beside it OUTPUT.latent_stats.json, the latent mean/std
+    (3 planes x C) that sampling needs and no official checkpoint holds (what sit-import reads back)."""
     from coordtok_jax.convert.sit import sit_to_official
     from coordtok_jax.convert.torch_io import _import_torch
     from coordtok_jax.train.checkpoint import restore_partial
@@ -104,10 +110,12 @@ def sit_export(workdir: str, output: str, step=None, *, overwrite: bool = False)
         raise FileExistsError(f"--output={output} exists; pass --overwrite to replace it")
     _, step = resolve_step(workdir, step)
     config = read_config(workdir, step)
+    require_kind(config, "sit", workdir, "sit-export")
     _, abstract, _ = split_sit(config)
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     sds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
-    restored, step = restore_partial(workdir, {"params": sds, "ema": sds}, step)
+    vec = jax.ShapeDtypeStruct((3, config.model.in_channels), jnp.float32, sharding=dev)
+    restored, step = restore_partial(workdir, {"params": sds, "ema": sds, "latent_mean": vec, "latent_std": vec}, step)
     to_torch = lambda tree: {k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in
                              sit_to_official(jax.tree.map(np.asarray, tree), config.model).items()}
     ckpt = {"model": to_torch(restored["params"]), "ema": to_torch(restored["ema"]),
@@ -117,7 +125,10 @@ def sit_export(workdir: str, output: str, step=None, *, overwrite: bool = False)
     with tmp.open("wb") as f:
         torch.save(ckpt, f)
     tmp.rename(out)
-    return dict(step=step, tensors=len(ckpt["ema"]), output=str(out))
+    stats = out.parent / f"{out.name}.latent_stats.json"
+    write_text_atomic(stats, json.dumps({"mean": np.asarray(restored["latent_mean"]).tolist(),
+                                         "std": np.asarray(restored["latent_std"]).tolist(), "step": step}, indent=2))
+    return dict(step=step, tensors=len(ckpt["ema"]), output=str(out), latent_stats=str(stats))
 
 
 def sit_import(checkpoint: str, config, workdir: str, latent_stats: str, *, overwrite: bool = False) -> dict:
@@ -175,8 +186,8 @@ def main(argv):
         if not FLAGS.workdir or not FLAGS.output:
             raise app.UsageError("sit-export needs --workdir and --output")
         s = sit_export(FLAGS.workdir, FLAGS.output, FLAGS.step, overwrite=FLAGS.overwrite)
-        print(f"wrote {s['output']}: step {s['step']}, model + ema with {s['tensors']} tensors each "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(f"wrote {s['output']}: step {s['step']}, model + ema with {s['tensors']} tensors each, and the "
+              f"latent mean/std in {s['latent_stats']} ({time.perf_counter() - t0:.1f} s)")
     elif command == "sit-import":
         if not FLAGS.checkpoint or FLAGS.config is None or not FLAGS.workdir:
             raise app.UsageError("sit-import needs --checkpoint, --config (configs/sit.py:ARG) and --workdir")

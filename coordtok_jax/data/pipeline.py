@@ -8,10 +8,12 @@
 * The iterator has `get_state()` / `set_state()`; the trainer stores the state in its checkpoint
   and restoring it yields exactly the same next batches.
 * Bad input never stops training: a record that fails to load (unreadable, truncated, empty or
-  zero-frame file) is logged once and replaced by the next record of the shard; each clip
-  carries in 'decode_failures' how many records were skipped to produce it (sum a batch to count).
-  If `max_consecutive_failures` records in a row fail, DataError names the source and the first
-  failures.
+  zero-frame file) is logged once, by name, and replaced by a random other record (drawn from a
+  generator seeded by (seed, host, k, attempt), so the stream stays deterministic and no
+  neighbour of a bad file is over-drawn). Each clip carries in 'decode_failures' how many
+  records were skipped to produce it and in 'failed_records' (MAX_REPORTED,) their indices
+  (-1 = none), from which the trainer counts distinct bad files. If `max_consecutive_failures`
+  records in a row fail, DataError names the source and the first failures.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from coordtok_jax.data.sources import DataError, make_source
 
 log = logging.getLogger(__name__)
 _WARNED: set = set()
+MAX_REPORTED = 4  # failed record indices carried per clip (the count in 'decode_failures' is exact)
 
 
 class ClipLoader:
@@ -39,10 +42,14 @@ class ClipLoader:
 
     def __call__(self, position: int, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.host, int(position)])
-        failures = []
+        failures, failed = [], []
         n = len(self.source)
+        i = int(index)
         for k in range(self.max_failures):
-            i = (int(index) + k) % n
+            if k:  # a random other record replaces a bad one (deterministic per seed, host, position)
+                draw = np.random.default_rng([self.seed, self.host, int(position), k])
+                i = int(draw.integers(0, n - 1)) if n > 1 else 0
+                i = i + (i >= int(index)) if n > 1 else i
             try:
                 clip = self.source.load(i, rng)
             except DataError:
@@ -50,6 +57,7 @@ class ClipLoader:
             except Exception as e:  # noqa: BLE001 - any bad file is skipped and counted
                 what = self.source.describe(i)
                 failures.append(f"{what}: {type(e).__name__}: {e}")
+                failed.append(i)
                 if what not in _WARNED:
                     _WARNED.add(what)
                     log.warning("skipping unreadable clip %s (%s: %s)", what, type(e).__name__, e)
@@ -59,11 +67,24 @@ class ClipLoader:
                 "n_frames": np.int32(clip["n_frames"]),
                 "label": np.int32(clip.get("label", -1)),
                 "decode_failures": np.int32(k),
+                "failed_records": np.array((failed + [-1] * MAX_REPORTED)[:MAX_REPORTED], np.int32),
             }
         raise DataError(
             f"{self.source.name}: {len(failures)} records in a row failed to load; first failures:\n  "
             + "\n  ".join(failures[:5])
         )
+
+
+def distinct_count(bad_files: set) -> int:
+    """Distinct unreadable records seen by this host, summed over hosts (each host reads its own
+    stride of the records; a replacement drawn from another host's stride may count twice)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return len(bad_files)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int32(len(bad_files)))))
 
 
 def make_dataset(

@@ -19,6 +19,7 @@ from coordtok_jax.data.shards import LazyRecords
 from coordtok_jax.data.synthetic import synthetic_clip
 from coordtok_jax.data.video_io import VIDEO_EXTENSIONS, decode_frames, resize_center_crop, take_window
 from coordtok_jax.errors import UserError
+from coordtok_jax.remote import check_reachable
 
 
 class DataError(UserError, RuntimeError):
@@ -117,6 +118,7 @@ class FolderSource:
 
 def shard_paths(path: str) -> list[str]:
     """ArrayRecord shards from a directory (its *.array_record files) or a glob, sorted."""
+    check_reachable(path, "config.data.path")
     p = epath.Path(path)
     if p.is_dir():
         paths = sorted(str(x) for x in p.glob("*.array_record"))
@@ -131,15 +133,31 @@ def shard_paths(path: str) -> list[str]:
 class ArrayRecordSource:
     """Pre-decoded clips (data/records.py format) in ArrayRecord shards, local or gs://."""
 
-    def __init__(self, path: str, shape):
+    def __init__(self, path: str, shape, allow_resize: bool = False):
         self.path = path
         self.shape = tuple(shape)
+        self.allow_resize = bool(allow_resize)
         self.paths = shard_paths(path)
         self._records = LazyRecords(self.paths)
         self._len = len(self._records)
-        meta = epath.Path(self.paths[0]).parent / "metadata.json"
-        self.classes = json.loads(meta.read_text()).get("classes", []) if meta.exists() else []
+        meta_path = epath.Path(self.paths[0]).parent / "metadata.json"
+        try:
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{meta_path} is not valid JSON ({e}); re-run coordtok_jax.data.prepare") from e
+        self.classes = meta.get("classes", [])
         self.name = f"array_record({path!r}, {len(self.paths)} shards, {self._len} clips)"
+        if meta.get("height") and meta.get("width"):
+            self._check_resolution((int(meta["height"]), int(meta["width"])), str(meta_path))
+
+    def _check_resolution(self, hw, where: str) -> None:
+        """Prepared shards at another resolution than the model's are an error (they were prepared
+        for another config) unless config.data.allow_resize says to resize them on the fly."""
+        if tuple(hw) != self.shape[1:] and not self.allow_resize:
+            raise DataError(
+                f"{where}: the prepared clips are {hw[0]}x{hw[1]} but the model takes {self.shape[1]}x{self.shape[2]}; "
+                f"prepare them at --height={self.shape[1]} --width={self.shape[2]}, or set "
+                f"--config.data.allow_resize=True to resize every clip while training")
 
     def __len__(self):
         return self._len
@@ -149,6 +167,7 @@ class ArrayRecordSource:
 
     def load(self, i, rng):
         clip = records.decode_clip(self._records[i])
+        self._check_resolution(clip["video"].shape[1:3], self.describe(i))
         video, n = _fit(clip["video"], self.shape, None, rng)
         return {"video": video, "n_frames": n, "label": clip["label"]}
 
@@ -202,7 +221,7 @@ def make_source(data, shape, *, train: bool = True):
     if kind == "folder":
         return FolderSource(data.root, shape, None if train else data.get("eval_list"))
     if kind == "array_record":
-        return ArrayRecordSource(data.path, shape)
+        return ArrayRecordSource(data.path, shape, data.get("allow_resize", False))
     if kind == "tfds":
         return TfdsSource(data.name, data.split if train else data.get("eval_split", data.split), shape,
                           data.get("data_dir"), data.get("video_key", "video"), data.get("label_key", "label"))

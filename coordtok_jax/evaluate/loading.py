@@ -22,7 +22,7 @@ from flax import nnx
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.models import validate
 from coordtok_jax.models.coordtok import CoordTok
-from coordtok_jax.train.checkpoint import read_config, resolve_step, restore_params
+from coordtok_jax.train.checkpoint import read_config, require_kind, resolve_step, restore_params
 
 
 def abstract_params(model_config, sharding: Optional[jax.sharding.Sharding] = None, *, mesh=None, rules=None):
@@ -51,6 +51,7 @@ def load_tokenizer(workdir: str, step: Optional[int] = None, sharding: Optional[
         raise ValueError(f"load_tokenizer can only override {sorted(allowed)}, got {sorted(bad)}")
     _, step = resolve_step(workdir, step)
     config = read_config(workdir, step)
+    require_kind(config, "tokenizer", workdir, "loading a tokenizer")
     with config.unlocked():
         for k, v in model_overrides.items():
             config.model[k] = v

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from coordtok_jax import sharding as sharding_lib
-from coordtok_jax.data.pipeline import make_sampled_dataset
+from coordtok_jax.data.pipeline import distinct_count, make_sampled_dataset
 from coordtok_jax.data.video import to_model_input
 from coordtok_jax.evaluate.fvd import FeatureStats, fvd
 from coordtok_jax.evaluate.loading import load_tokenizer
@@ -144,12 +144,12 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
         per_host = -(-num_videos // jax.process_count())
         values = {k: [] for k in METRICS}
         real, fake = FeatureStats(), FeatureStats()
-        failures = 0
+        bad_files = set()  # distinct unreadable records (a record can be drawn twice)
         bar = tqdm(total=per_host * jax.process_count(), unit="video", desc=f"eval step {step}",
                    disable=not progress or jax.process_index() != 0)
         for local in dataset:
             local, valid = _pad_batch(local, local_batch)
-            failures += int(np.sum(np.asarray(local["decode_failures"])[valid]))
+            bad_files.update(int(i) for i in np.ravel(np.asarray(local["failed_records"])[valid]) if i >= 0)
             arrays = [jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k])) for k in ("video", "n_frames")]
             out = eval_step(params, lpips_state, i3d_state, *arrays)
             out = multihost_utils.process_allgather(out, tiled=True)
@@ -174,7 +174,7 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
         "mode": mode,
         "points_per_call": points_per_call if mode == "chunks" else None,
         "data_source": str(config.data.source),
-        "skipped_files": failures,
+        "skipped_files": distinct_count(bad_files),
         "seconds": round(time.perf_counter() - t0, 1),
         "notes": notes,
     }

@@ -228,6 +228,31 @@ def read_config(path: str, step: Optional[int] = None) -> ml_collections.ConfigD
     raise FileNotFoundError(f"no config for {directory}/{step}: looked for {', '.join(map(str, candidates))}")
 
 
+KINDS = {
+    "tokenizer": ("a CoordTok tokenizer run (coordtok_jax.train)",
+                  "reconstruct / evaluate / convert torch-export read it; sample and convert sit-export need a "
+                  "train_sit workdir"),
+    "sit": ("a SiT run (coordtok_jax.train_sit)",
+            "sample / convert sit-export read it; reconstruct / evaluate / convert torch-export need a tokenizer "
+            "workdir (its config.tokenizer)"),
+}
+
+
+def run_kind(config) -> str:
+    """'sit' for a train_sit config (its model has in_channels, the tokenizer's planes), else 'tokenizer'."""
+    model = config.get("model") or {}
+    return "sit" if "in_channels" in model and "enc_embed_dim" not in model else "tokenizer"
+
+
+def require_kind(config, want: str, workdir, command: str) -> None:
+    """A ValueError naming what the workdir holds and which commands read it, when `command` needs
+    the other kind of run (instead of a missing-field error deep inside)."""
+    have = run_kind(config)
+    if have != want:
+        what, readers = KINDS[have]
+        raise ValueError(f"{workdir} holds {what}, not {KINDS[want][0]}: {command} cannot read it ({readers})")
+
+
 def is_params_only(path: str, step: Optional[int] = None) -> bool:
     """True for a checkpoint holding only parameters (written by convert torch-import)."""
     directory, step = resolve_step(path, step)

@@ -29,8 +29,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
+from coordtok_jax.data.pipeline import distinct_count
 from coordtok_jax.errors import UserError
 from coordtok_jax.models import ConfigError
 from coordtok_jax.train.checkpoint import Checkpointer, is_params_only, resolve_step
@@ -76,8 +78,10 @@ def prepared_workdir(workdir, config) -> Iterator[tuple[epath.Path, bool]]:
     and writes config.json atomically (process 0). The lock is released when the block exits, by
     any path (finished run, error, signal)."""
     from coordtok_jax.train.checkpoint import config_to_json
+    from coordtok_jax.remote import check_reachable
     from coordtok_jax.train.workdir import Lock, WorkdirError, check_config, write_text_atomic
 
+    check_reachable(workdir, "workdir")
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
     refuse_params_only(workdir)
@@ -174,9 +178,13 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
     counters = {k: jnp.zeros((), jnp.int32) for k in task.counters}  # summed on device (no per-step sync)
     rate_key = f"{task.item_name}_per_s"
     step = first_step
+    bad_files: set = set()
     try:
         while step < config.total_steps:
-            state, metrics = task.step(state, task.global_batch(next(task.data_iter)))
+            local = next(task.data_iter)
+            if "failed_records" in local:  # distinct bad files of this host (the count per clip is in the batch)
+                bad_files.update(int(i) for i in np.ravel(local["failed_records"]) if i >= 0)
+            state, metrics = task.step(state, task.global_batch(local))
             for k in counters:
                 if k in metrics:
                     counters[k] = counters[k] + metrics[k]
@@ -196,8 +204,9 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
                 dt = (time.perf_counter() - t_log) / max(steps_since, 1)
                 scalars = {k: float(v) for k, v in metrics.items() if k not in counters}
                 scalars.update(step_time=dt, **{rate_key: task.items_per_step / dt})
-                if "decode_failures" in counters:
-                    scalars["skipped_files"] = int(counters["decode_failures"])
+                if "decode_failures" in counters:  # loads that failed (a bad file drawn twice counts twice)
+                    scalars["skipped_loads"] = int(counters["decode_failures"])
+                    scalars["skipped_files"] = distinct_count(bad_files)
                 if peak_flops and task.flops_per_step:
                     scalars["mfu"] = task.flops_per_step / dt / (peak_flops * jax.device_count())
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", **{rate_key[:3] + "_s": f"{scalars[rate_key]:.1f}"})

@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from coordtok_jax import entry
 from coordtok_jax import sharding as sharding_lib
-from coordtok_jax.data.pipeline import make_dataset
+from coordtok_jax.data.pipeline import ClipLoader, make_dataset
 from coordtok_jax.data.sources import make_source
 from coordtok_jax.data.video import to_model_input
 from coordtok_jax.evaluate.metrics import video_psnr
@@ -145,7 +145,8 @@ def compile_step(program, is_main: bool):
 def _eval_clips(config, shape):
     """Held-out clips: the eval split of the source (synthetic: another seed), first eval_videos."""
     source = make_source(config.data, shape, train=False)
-    clips = [source.load(i, np.random.default_rng(i)) for i in range(min(config.eval_videos, len(source)))]
+    load = ClipLoader(source, 0, 0, config.data.get("max_consecutive_failures", 64))  # a broken clip is named, replaced
+    clips = [load(i, i) for i in range(min(config.eval_videos, len(source)))]
     return np.stack([c["video"] for c in clips]), np.array([c["n_frames"] for c in clips], np.int32)
 
 

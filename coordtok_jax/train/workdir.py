@@ -192,3 +192,4 @@ class Lock:
         if self.held:
             self._remove()
             self.held = False
+
