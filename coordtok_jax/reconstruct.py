@@ -1,7 +1,7 @@
 r"""Reconstruct a video file with a trained CoordTok (or decode saved tokens).
 
     python -m coordtok_jax.reconstruct --workdir=DIR --input=VIDEO --output=OUT.mp4
-        [--side_by_side] [--save_tokens=FILE.npz] [--mode=all|chunks] [--step=N]
+        [--side_by_side] [--save_tokens=FILE.npz] [--mode=all|chunks|official] [--step=N]
     python -m coordtok_jax.reconstruct --workdir=DIR --from_tokens=FILE.npz --output=OUT.mp4 [--input=VIDEO]
 
 Any size and length: frames are resized (PIL bicubic, shorter side) and center-cropped to the
@@ -36,8 +36,11 @@ def define_flags():
     flags.DEFINE_bool("side_by_side", False, "Write original | reconstruction.")
     flags.DEFINE_string("save_tokens", None, "Write the triplane tokens of every window to this .npz.")
     flags.DEFINE_string("from_tokens", None, "Decode tokens saved with --save_tokens instead of encoding --input.")
-    flags.DEFINE_enum("mode", "all", ["all", "chunks"], "Decode every patch jointly, or in official chunks.")
-    flags.DEFINE_integer("points_per_call", 1024, "Chunk size for --mode=chunks.")
+    flags.DEFINE_enum("mode", "all", ["all", "chunks", "official"],
+                      "all: every patch in one joint pass (the paper's protocol, the default); chunks: contiguous "
+                      "chunks of --points_per_call, remainder decoded; official: the official decode_video's "
+                      "slicing exactly (equal chunks, remainder and a partial temporal patch left at zero).")
+    flags.DEFINE_integer("points_per_call", 1024, "Chunk size for --mode=chunks and --mode=official.")
     flags.DEFINE_integer("batch", 1, "Windows encoded/decoded per call.")
     flags.DEFINE_integer("max_frames", None, "Use at most this many frames of --input.")
     flags.DEFINE_float("fps", None, "Output frame rate (default: the input's, else 8).")
@@ -93,7 +96,7 @@ def reconstruct(workdir: str, output: str, *, input_path: Optional[str] = None, 
     T, H, W = g.video_shape
     pad_value = float(config.data.get("pad_value", -3.0))
     graphdef, params = nnx.split(model)
-    ppc = points_per_call if mode == "chunks" else None
+    ppc = points_per_call if mode in ("chunks", "official") else None
 
     original = raw = None
     if input_path:

@@ -133,6 +133,34 @@ def test_jax_matches_pytorch_model(which, mode):
             tframes = tmodel.decode_video(tin, num_frames, per_call)
         assert frames.shape == tuple(tframes.shape) == (len(n_frames), num_frames) + tuple(cfg.video_shape[1:]) + (3,)
         assert rel(frames, tframes.numpy()) <= 1e-5
+    for per_call in (100, 300):  # the official slicing: equal chunks, remainder and partial patch left 0
+        frames = nnx.jit(lambda m, p: decode_video(m, p, num_frames, per_call, mode="official"))(model, planes)
+        with torch.no_grad():
+            want = official_decode_video(tmodel, tin, num_frames, per_call)
+        assert frames.shape == want.shape
+        assert rel(frames, want.numpy()) <= 1e-5
+
+
+def official_decode_video(tmodel, planes, num_frames, point_per_vid):
+    """The official tools/utils_coordtok.decode_video written out on the PyTorch model: patch starts
+    over whole temporal patches, Nslice = n // point_per_vid contiguous chunks of int(n / Nslice)
+    patches, each one decoder call; patches past Nslice * split and a partial temporal patch stay 0."""
+    batch = planes[0].shape[0]
+    pt, px, py = tmodel.dec_patch
+    _, gx, gy = tmodel.dec_grid
+    num_t = num_frames // pt
+    coords = tmodel.patch_coords(num_t * pt, planes[0].device)
+    n = coords.shape[0]
+    nslice = n // point_per_vid
+    split = int(n / nslice)
+    values = torch.zeros(batch, n, pt * px * py * 3)
+    for i in range(nslice):
+        chunk = coords[i * split:(i + 1) * split].expand(batch, -1, -1)
+        values[:, i * split:(i + 1) * split] = tmodel.decode(planes, chunk)
+    v = values.reshape(batch, num_t, gx, gy, pt, px, py, 3).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    video = torch.zeros((batch, num_frames, gx * px, gy * py, 3))
+    video[:, :num_t * pt] = v.reshape(batch, num_t * pt, gx * px, gy * py, 3)
+    return video
 
 
 def test_torch_attention_equals_nn_multihead_attention_with_the_official_float_mask():

@@ -22,7 +22,10 @@ def define_flags():
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_integer("num_videos", 10_000, "Random clips to evaluate (the paper: 10,000).")
     flags.DEFINE_string("i3d", None, "I3D weights (i3d_pretrained_400.pt) for rFVD; skipped without.")
-    flags.DEFINE_enum("mode", "all", ["all", "chunks"], "Decode every patch jointly, or in official chunks.")
+    flags.DEFINE_enum("mode", "all", ["all", "chunks", "official"],
+                      "all: every patch in one joint pass (the paper's protocol, the default); chunks: contiguous "
+                      "chunks of --points_per_call, remainder decoded; official: the official decode_video's "
+                      "slicing exactly (equal chunks, remainder and a partial temporal patch left at zero).")
     flags.DEFINE_integer("points_per_call", None, "Chunk size for --mode=chunks (default: config.num_points).")
     flags.DEFINE_integer("batch", 0, "Clips per step over all devices (default: one per device).")
     flags.DEFINE_integer("seed", 0, "Seed of the clip draw.")

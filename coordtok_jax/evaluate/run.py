@@ -1,12 +1,14 @@
 r"""Evaluate a tokenizer checkpoint with the paper's protocol: rFVD, PSNR, SSIM, LPIPS.
 
     python -m coordtok_jax.evaluate --workdir=DIR [--config=configs/coordtok.py:L] [--step=N]
-        [--num_videos=10000] [--i3d=i3d_pretrained_400.pt] [--mode=all|chunks] [--batch=B]
+        [--num_videos=10000] [--i3d=i3d_pretrained_400.pt] [--mode=all|chunks|official] [--batch=B]
 
 `num_videos` clips (default 10,000) are drawn at random, with replacement, from the evaluation
 split of `config.data` (random videos, random T-frame windows; shorter videos padded as in
 training). Each clip is encoded and every patch decoded (`--mode=all`: one joint pass, the
-paper's protocol; `--mode=chunks`: the official contiguous slices of `--points_per_call`). PSNR,
+paper's protocol, the default: no patch's output depends on how the clip was cut; `--mode=chunks`:
+contiguous slices of `--points_per_call`, remainder decoded; `--mode=official`: the official
+decode_video's slicing exactly, remainder left at zero, for comparing with its numbers). PSNR,
 SSIM and LPIPS are computed per frame on [0, 1] frames and averaged over each video's valid
 frames, then over videos. rFVD is the Fréchet distance between I3D logits of the original and the
 reconstructed clips (`--i3d`, the official `i3d_pretrained_400.pt`; reconstructed frames past
@@ -101,7 +103,7 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
     rules = sharding_lib.rules_of(config)
     geometry = model.geometry
     T, H, W = geometry.video_shape
-    if mode == "chunks" and not points_per_call:
+    if mode in ("chunks", "official") and not points_per_call:
         points_per_call = int(config.get("eval_points_per_call") or config.get("num_points") or 1024)
     batch = int(batch) or len(devices)
     if batch % len(devices):
@@ -172,7 +174,7 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
         "tokens_per_video": int(geometry.num_latent_tokens),
         "video_shape": [T, H, W],
         "mode": mode,
-        "points_per_call": points_per_call if mode == "chunks" else None,
+        "points_per_call": points_per_call if mode in ("chunks", "official") else None,
         "data_source": str(config.data.source),
         "skipped_files": distinct_count(bad_files),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -10,6 +10,13 @@ Two modes:
   patch's output depends on the patches decoded with it); a last, shorter chunk decodes the
   remainder, which the official leaves at zero.
 
+* `official`: exactly what the official decode_video computes: Nslice = n // points_per_call
+  chunks of int(n / Nslice) contiguous patches each; the remainder patches are never decoded
+  (left at zero, e.g. 1024 patches at 300 per call are 3 chunks of 341 and one zero patch), and
+  a trailing partial temporal patch (num_frames not a multiple of the decoder's temporal patch)
+  is not decoded either. For parity checks against the official code and its numbers; `evaluate`
+  uses `all` (the paper's protocol) unless told otherwise.
+
 Pure and jit-compatible (chunks run in lax.map); batched over videos, so under jit with planes
 sharded over the mesh's batch axis the videos are decoded on their devices. No Python loop
 over patches.
@@ -25,7 +32,7 @@ import jax.numpy as jnp
 from coordtok_jax.models.patches import grid_indices, indices_to_coords, patches_to_video
 
 
-MODES = ("all", "chunks")
+MODES = ("all", "chunks", "official")
 
 
 def decode_video(model, planes, num_frames: Optional[int] = None, points_per_call: Optional[int] = None,
@@ -39,8 +46,8 @@ def decode_video(model, planes, num_frames: Optional[int] = None, points_per_cal
         mode = "all" if points_per_call is None else "chunks"
     if mode not in MODES:
         raise ValueError(f"decode_video mode must be one of {MODES}, got {mode!r}")
-    if mode == "chunks" and points_per_call is None:
-        raise ValueError("decode_video(mode='chunks') needs points_per_call (the official default: 1024)")
+    if mode in ("chunks", "official") and points_per_call is None:
+        raise ValueError(f"decode_video(mode={mode!r}) needs points_per_call (the official default: 1024)")
     if mode == "all":
         points_per_call = None
     g = model.geometry
@@ -49,6 +56,8 @@ def decode_video(model, planes, num_frames: Optional[int] = None, points_per_cal
     if not 1 <= num_frames <= T:
         raise ValueError(f"num_frames must be in [1, {T}] (config.model.video_shape[0]), got {num_frames}")
     pt = g.dec_patch[0]
+    if mode == "official":
+        return _decode_official(model, planes, num_frames, int(points_per_call))
     num_t = -(-num_frames // pt)
     coords = indices_to_coords(grid_indices(num_t, g.dec_grid), g.dec_grid)
     batch = planes[0].shape[0]
@@ -67,3 +76,30 @@ def decode_video(model, planes, num_frames: Optional[int] = None, points_per_cal
         if q * c < n:
             values = jnp.concatenate([values, model.decode(planes, coords[:, q * c :])], axis=1)
     return patches_to_video(values, num_t, g.dec_grid, g.dec_patch)[:, :num_frames]
+
+
+def _decode_official(model, planes, num_frames: int, points_per_call: int) -> jax.Array:
+    """The official slicing (see the module docstring); frames and patches it skips are zero."""
+    g = model.geometry
+    pt = g.dec_patch[0]
+    if points_per_call <= 0:
+        raise ValueError(f"points_per_call must be positive, got {points_per_call}")
+    num_t = num_frames // pt  # whole temporal patches only
+    batch = planes[0].shape[0]
+    T, H, W = g.video_shape
+    if num_t == 0:
+        return jnp.zeros((batch, num_frames, H, W, 3), jnp.float32)
+    coords = indices_to_coords(grid_indices(num_t, g.dec_grid), g.dec_grid)
+    n = coords.shape[0]
+    nslice = max(n // points_per_call, 1)  # the official divides by zero when n < points_per_call
+    split = n // nslice
+    coords = jnp.broadcast_to(coords[: nslice * split], (batch, nslice * split, 3))
+    chunks = coords.reshape(batch, nslice, split, 3).transpose(1, 0, 2, 3)
+    values = jax.lax.map(lambda cc: model.decode(planes, cc), chunks)  # (nslice, B, split, P)
+    values = values.transpose(1, 0, 2, 3).reshape(batch, nslice * split, -1)
+    values = jnp.concatenate([values, jnp.zeros((batch, n - nslice * split, values.shape[-1]), values.dtype)], axis=1)
+    video = patches_to_video(values, num_t, g.dec_grid, g.dec_patch)
+    pad = num_frames - video.shape[1]
+    if pad > 0:
+        video = jnp.concatenate([video, jnp.zeros((batch, pad) + video.shape[2:], video.dtype)], axis=1)
+    return video[:, :num_frames]
