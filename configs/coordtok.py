@@ -1,6 +1,6 @@
 r"""CoordTok tokenizer configurations.
 
-    --config=configs/coordtok.py:ARG   with ARG = SIZE[,stage=1|2], SIZE in {L, B, S, tiny}
+    --config=configs/coordtok.py:ARG   with ARG = SIZE[,stage=1|2], SIZE in {L, B, S, tiny, cpu}
     --config.model.enc_num_layers=12   overrides any field
 
 `L,stage=1` and `L,stage=2` are the paper's runs: global batch 256 clips of 128 frames,
@@ -12,6 +12,8 @@ checkpoint via --config.init_from).
   z_xy 16x16x8, z_yt / z_xt 32x16x8 = 1280 tokens.
 * `B`, `S`: the paper's Base and Small (Table 5: B 768 wide, 12 heads, ViT3D 8 / cross-self 12 /
   decoder 12 layers; S 512 wide, 8 heads, 8 / 8 / 8) with the released latent geometry.
+* `cpu`: the README's main job: tiny's widths with 16x16 latent planes and 2x2-pixel decoder
+  patches, and CPU_RECIPE's data / schedule (held-out PSNR and wall time: benchmarks/RESULTS.md).
 * `tiny`: exactly the reference small configuration (coordtok_small_state_dict.json,
   511,408 parameters): 16x32x32 video, width 64, 2 layers each. Runs in seconds on a CPU.
 """
@@ -69,6 +71,27 @@ _SIZES = {
         dec_patch_size_t=1, dec_patch_size_xy=4,
     ),
 }
+# `cpu`: tiny's encoder and widths with a decoder grid that matches 16x16 latent planes (2x2-pixel
+# patches), the README's main job (benchmarks/RESULTS.md, "a CPU recipe", for what each change bought).
+_SIZES["cpu"] = dict(_SIZES["tiny"], latent_resolution_xy=16, latent_resolution_t=16, dec_patch_size_xy=2)
+
+# Everything but the model that the `cpu` main job changes from tiny, measured on a 2-core VM:
+# flat shapes moving slowly (the plateau at the clip's mean colour is left ~2x sooner), a large
+# constant-then-cosine learning rate, and 128 points per clip (as good per step as 512, 3x cheaper).
+CPU_RECIPE = {
+    "data.synthetic_texture": 0.0,
+    "data.synthetic_motion": 0.3,
+    "optimizer.learning_rate": 3e-3,
+    "optimizer.warmup_steps": 50,
+    "optimizer.schedule": "cosine",
+    "num_points": 128,
+    "total_steps": 2400,
+    "log_every": 50,
+    "save_every": 400,
+    "eval_every": 400,
+    "eval_videos": 8,
+}
+LOCAL_SIZES = ("tiny", "cpu")  # CPU-scale: data-parallel mesh, short clips, minutes-long schedules
 
 
 def model_config(size: str) -> ml_collections.ConfigDict:
@@ -142,13 +165,13 @@ def _parse_arg(arg: str) -> tuple[str, dict]:
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """ARG = SIZE[,stage=1|2]: SIZE in {L, B, S, tiny}; stage 1 (N random patches, L2) or stage 2
+    """ARG = SIZE[,stage=1|2]: SIZE in {L, B, S, tiny, cpu}; stage 1 (N random patches, L2) or stage 2
     (whole frames, L2 + LPIPS, started from a stage-1 checkpoint with --config.init_from)."""
     size, options = _parse_arg(arg)
     stage = int(options.get("stage", 1))
     if stage not in (1, 2):
         raise ValueError(f"config argument {arg!r}: stage must be 1 or 2")
-    tiny = size == "tiny"
+    tiny = size in LOCAL_SIZES
     config = ml_collections.ConfigDict()
     config.size = size
     config.stage = stage
@@ -193,6 +216,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # models decode in contiguous chunks like the official decode_video.
     config.eval_points_per_call = ml_collections.FieldReference(None if tiny else 4096, field_type=int)
     config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)  # MFU; None = known table
+    if size == "cpu":
+        for dotted, value in CPU_RECIPE.items():
+            *parents, leaf = dotted.split(".")
+            node = config
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
 
     # Mesh and parameter sharding.
     config.mesh = ml_collections.ConfigDict()

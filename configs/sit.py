@@ -31,6 +31,21 @@ _SIZES = {  # depth, hidden_size, num_heads
     "L/2": (24, 1024, 16),
     "XL/2": (28, 1152, 16),
     "tiny": (2, 64, 2),
+    "cpu": (4, 128, 4),  # the README's CPU generation job, on the `cpu` tokenizer's 16x16 planes
+}
+# What the `cpu` SiT changes from the defaults (measured: benchmarks/RESULTS.md, "a CPU recipe"):
+# the `cpu` tokenizer's data, a large learning rate with a short EMA, 4x the batch.
+CPU_RECIPE = {
+    "optimizer.learning_rate": 1e-3,
+    "optimizer.warmup_steps": 50,
+    "ema_decay": 0.99,
+    "batch_size": 32,
+    "total_steps": 1500,
+    "log_every": 50,
+    "save_every": 500,
+    "eval_every": 500,
+    "eval_num_videos": 8,
+    "stats_num_clips": 256,
 }
 
 
@@ -48,7 +63,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     if size not in _SIZES:
         raise ValueError(f"unknown SiT size {size!r}; choose one of {list(_SIZES)}")
     depth, hidden, heads = _SIZES[size]
-    tiny = size == "tiny"
+    tiny = size in ("tiny", "cpu")
     m = ml_collections.ConfigDict()
     m.hidden_size = hidden
     m.depth = depth
@@ -56,8 +71,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.patch_size = 2
     m.mlp_ratio = 4.0
     m.in_channels = 8  # C of the tokenizer planes
-    m.latent_resolution_xy = 8 if tiny else 16  # z_xy (Rxy, Rxy, C)
-    m.latent_resolution_t = 8 if tiny else 32  # z_yt, z_xt (Rt, Rxy, C)
+    m.latent_resolution_xy = 8 if size == "tiny" else 16  # z_xy (Rxy, Rxy, C)
+    m.latent_resolution_t = {"tiny": 8, "cpu": 16}.get(size, 32)  # z_yt, z_xt (Rt, Rxy, C)
     m.num_classes = 1  # official: unconditional (every label is 0)
     m.class_dropout_prob = 0.0  # > 0 adds the null-class row for classifier-free guidance
     m.learn_sigma = True
@@ -70,7 +85,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     size = (arg or "tiny").strip()
-    tiny = size == "tiny"
+    tiny = size in ("tiny", "cpu")
     config = ml_collections.ConfigDict()
     config.size = size
     config.seed = 0
@@ -138,6 +153,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.mesh.axes = ("data", "fsdp")
     config.logical_axis_rules = sharding.LOGICAL_AXIS_RULES  # the same table as the tokenizer
     config.distributed = "auto"
+    if size == "cpu":  # the cpu tokenizer's data, and the recipe above
+        tokenizer_configs = _tokenizer_configs()
+        data = [(k, v) for k, v in tokenizer_configs.CPU_RECIPE.items() if k.startswith("data.")]
+        for dotted, value in data + list(CPU_RECIPE.items()):
+            *parents, leaf = dotted.split(".")
+            node = config
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
     return config
 
 

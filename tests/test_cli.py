@@ -61,3 +61,14 @@ def test_dashed_spellings_are_aliases():
         flags.FLAGS = saved
     assert out == ["prog", "--num_videos=3", "--side_by_side", "--noside_by_side", "--not-a-flag=1", "--",
                    "--num-videos=4"]
+
+
+def test_an_unwritable_workdir_is_one_line_naming_it():
+    """A workdir that cannot be created (here under /sys, which refuses even root) is refused with
+    one line naming it and the cause, before anything is compiled."""
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("no sysfs here")
+    r = _run("coordtok_jax.train", "--config=configs/coordtok.py:tiny", "--workdir=/sys/coordtok_run")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot create the workdir /sys/coordtok_run: "), lines

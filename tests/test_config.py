@@ -12,7 +12,7 @@ from coordtok_jax.models import ConfigError, validate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("arg", ["L", "B", "S", "tiny"])
+@pytest.mark.parametrize("arg", ["L", "B", "S", "tiny", "cpu"])
 def test_every_variant_validates(arg):
     config = coordtok.get_config(arg)
     geometry = coordtok.validate(config)
@@ -26,6 +26,32 @@ def test_released_geometry():
     assert g.enc_grid == (16, 8, 8) and g.num_memory_tokens == 1024
     assert g.num_query_tokens == (4, 4, 4)
     assert g.dec_grid == (128, 16, 16) and g.patch_values == 192
+
+
+def test_paper_small_and_base_sizes():
+    """Table 5: S 512 wide / 8 heads / 8-8-8 layers, B 768 / 12 / 8-12-12 (and their parameter counts)."""
+    from flax import nnx
+
+    from coordtok_jax.models import CoordTok, count_params
+
+    for size, (width, heads, layers), params in (("S", (512, 8, (8, 8, 8)), 107_748_032),
+                                                 ("B", (768, 12, (8, 12, 12)), 290_664_128)):
+        m = coordtok.get_config(size).model
+        assert (m.enc_embed_dim, m.enc_num_heads) == (m.dec_embed_dim, m.dec_num_heads) == (width, heads)
+        assert (m.enc_patch_num_layers, m.enc_num_layers, m.dec_num_layers) == layers
+        assert count_params(nnx.eval_shape(lambda: CoordTok(m, rngs=nnx.Rngs(0)))) == params
+
+
+def test_the_cpu_sit_matches_the_cpu_tokenizer():
+    """configs/sit.py:cpu reads the planes of configs/coordtok.py:cpu and trains on the same data."""
+    import sit
+
+    tok, gen = coordtok.get_config("cpu"), sit.get_config("cpu")
+    g = validate(tok.model)
+    assert (gen.model.latent_resolution_xy, gen.model.latent_resolution_t, gen.model.in_channels) == \
+        (g.latent_xy, g.latent_t, tok.model.latent_n_features)
+    assert {k: gen.data[k] for k in ("synthetic_texture", "synthetic_motion")} == \
+        {k: tok.data[k] for k in ("synthetic_texture", "synthetic_motion")}
 
 
 def test_unknown_size():

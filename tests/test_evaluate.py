@@ -178,3 +178,13 @@ def test_reconstruct_cli_and_tokens_round_trip(trained, tmp_path):
              n_frames=np.array([16]))
     with pytest.raises(ValueError, match="z_xy must be"):
         reconstruct(str(trained), str(tmp_path / "x.mp4"), from_tokens=str(bad))
+
+
+def test_reconstruct_refuses_an_empty_or_garbage_file_naming_it(trained, tmp_path):
+    from coordtok_jax.reconstruct import reconstruct
+
+    for name, content in (("empty.mp4", b""), ("garbage.mp4", os.urandom(4096))):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / name))}: (not a readable video|no decodable)"):
+            reconstruct(str(trained), str(tmp_path / "out.mp4"), input_path=str(tmp_path / name))
+    assert not (tmp_path / "out.mp4").exists()

@@ -42,8 +42,15 @@ def decode_frames(source: Union[PathLike, BinaryIO], max_frames: int | None = No
     if hasattr(source, "read"):
         frames = _decode(source)
     else:
-        with epath.Path(source).open("rb") as f:
-            frames = _decode(f)
+        try:
+            with epath.Path(source).open("rb") as f:
+                frames = _decode(f)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, av.error.FFmpegError) as e:  # an empty, truncated or non-video file
+            raise ValueError(f"{source}: not a readable video ({type(e).__name__}: {e})") from e
+        if not frames:
+            raise ValueError(f"{source}: no decodable frames")
     if not frames:
         raise ValueError("no decodable frames")
     return np.stack(frames)
