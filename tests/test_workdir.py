@@ -140,3 +140,18 @@ def test_an_unreachable_gcs_path_fails_fast_with_one_line(tmp_path):
     from coordtok_jax.remote import check_reachable
 
     check_reachable(str(tmp_path), "workdir", timeout=0.001)  # local paths are not probed
+
+
+def test_a_run_of_the_other_kind_is_named(tmp_path):
+    """A tokenizer config on a SiT workdir (or the reverse) is refused naming both kinds, not with a
+    list of every differing field."""
+    sit_config = {"model": {"in_channels": 8, "hidden_size": 64}, "tokenizer": "/t", "batch_size": 8}
+    tok_config = {"model": {"enc_embed_dim": 64, "latent_n_features": 8}, "batch_size": 8}
+    (tmp_path / "config.json").write_text(json.dumps(sit_config))
+    with pytest.raises(wd.WorkdirError, match=r"holds a SiT run \(coordtok_jax.train_sit\); this command trains a "
+                                              r"CoordTok tokenizer run .*use another --workdir"):
+        wd.check_config(epath.Path(tmp_path), tok_config, has_checkpoint=True)
+    (tmp_path / "config.json").write_text(json.dumps(tok_config))
+    with pytest.raises(wd.WorkdirError, match=r"holds a CoordTok tokenizer run .*trains a SiT run"):
+        wd.check_config(epath.Path(tmp_path), sit_config, has_checkpoint=True)
+    assert json.loads((tmp_path / "config.json").read_text()) == tok_config  # nothing rewritten
