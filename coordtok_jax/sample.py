@@ -49,7 +49,7 @@ def load_sit(workdir: str, step: Optional[int] = None, mesh=None):
 
     from coordtok_jax import sharding as sharding_lib
     from coordtok_jax.train.checkpoint import read_config, require_kind, resolve_step, restore_partial
-    from coordtok_jax.train_sit import split_sit
+    from coordtok_jax.models.sit import split_sit
 
     _, step = resolve_step(workdir, step)
     config = read_config(workdir, step)
@@ -145,7 +145,7 @@ def make_generator(config, graphdef, buffers, tok_graphdef, geometry, batch: int
     from coordtok_jax.diffusion.samplers import make_sample_fn
     from coordtok_jax.evaluate.metrics import frames_in_unit_range
     from coordtok_jax.models.decode_video import decode_video
-    from coordtok_jax.train_sit import make_transport
+    from coordtok_jax.diffusion.transport import make_transport
 
     s = config.sampler
     sample_fn = make_sample_fn(make_transport(config), None, mode=(mode or s.mode).upper(),

@@ -43,10 +43,10 @@ from coordtok_jax.data.latents import DATA_IO_KEYS, make_latent_dataset, make_sa
 from coordtok_jax.data.pipeline import make_dataset, make_sampled_dataset
 from coordtok_jax.data.video import to_model_input
 from coordtok_jax.diffusion.latent_stats import LatentStats, compute_latent_stats, load_stats, normalize, save_stats
-from coordtok_jax.diffusion.transport import Transport
+from coordtok_jax.diffusion.transport import Transport, make_transport  # noqa: F401 (re-exported)
 from coordtok_jax.evaluate.loading import load_tokenizer
 from coordtok_jax.models import ConfigError
-from coordtok_jax.models.sit import PLANES, TriplaneSiT, validate_sit
+from coordtok_jax.models.sit import PLANES, TriplaneSiT, split_sit, validate_sit  # noqa: F401 (split_sit re-exported)
 from coordtok_jax.train import flops as flops_lib
 from coordtok_jax.train import loop
 from coordtok_jax.train.aot import Program
@@ -72,21 +72,6 @@ class SiTState:
 def define_flags():
     config_flags.DEFINE_config_file("config", None, "configs/sit.py:SIZE", lock_config=True)
     flags.DEFINE_string("workdir", None, "Checkpoints, logs, latent_stats.json (local or gs://). Re-use it to resume.")
-
-
-def make_transport(config) -> Transport:
-    t = config.transport
-    return Transport(path=str(t.path).lower(), prediction=str(t.prediction).lower(), loss_weight=t.loss_weight,
-                     train_eps=t.train_eps, sample_eps=t.sample_eps)
-
-
-def split_sit(config, axis_rules=None):
-    """(graphdef, abstract Param tree (pure dict), constant buffers state) of config.model, without
-    initialising the weights (the buffers, the fixed sin-cos table, are computed alone)."""
-    build = lambda: TriplaneSiT(config.model, rngs=nnx.Rngs(config.seed), axis_rules=axis_rules)
-    graphdef, params, _ = nnx.split(sharding_lib.eval_shape(build), nnx.Param, ...)
-    buffers = jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)))()  # XLA drops the weight init
-    return graphdef, nnx.to_pure_dict(params), buffers
 
 
 def sit_state(config, mesh, tx, stats=None) -> StatePlan:

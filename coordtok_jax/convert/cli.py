@@ -102,7 +102,7 @@ def sit_export(workdir: str, output: str, step=None, *, overwrite: bool = False)
     from coordtok_jax.convert.sit import sit_to_official
     from coordtok_jax.convert.torch_io import _import_torch
     from coordtok_jax.train.checkpoint import restore_partial
-    from coordtok_jax.train_sit import split_sit
+    from coordtok_jax.models.sit import split_sit
 
     torch = _import_torch()
     out = epath.Path(output)

@@ -385,4 +385,11 @@ class Transport:
 
 
 __all__ = ["PATHS", "PREDICTIONS", "LOSS_WEIGHTS", "DIFFUSION_FORMS", "LinearPath", "GVPPath", "VPPath",
-           "make_path", "Transport", "expand_t", "per_sample_mean"]
+           "make_path", "Transport", "expand_t", "per_sample_mean", "make_transport"]
+
+
+def make_transport(config) -> Transport:
+    """The Transport of a SiT config's `transport` section (path, prediction, loss weight, eps)."""
+    t = config.transport
+    return Transport(path=str(t.path).lower(), prediction=str(t.prediction).lower(), loss_weight=t.loss_weight,
+                     train_eps=t.train_eps, sample_eps=t.sample_eps)

@@ -409,3 +409,12 @@ def sit_model_from_params(params: Mapping, config: Any) -> TriplaneSiT:
         tree["pos_embed_xy"] = sincos_2d(g.hidden_size, g.grids[0][0])[None]
     state.replace_by_pure_dict(jax.tree.map(jnp.asarray, tree))
     return nnx.merge(graphdef, state)
+
+
+def split_sit(config, axis_rules=None):
+    """(graphdef, abstract Param tree (pure dict), constant buffers state) of config.model, without
+    initialising the weights (the buffers, the fixed sin-cos table, are computed alone)."""
+    build = lambda: TriplaneSiT(config.model, rngs=nnx.Rngs(config.seed), axis_rules=axis_rules)
+    graphdef, params, _ = nnx.split(sharding.eval_shape(build), nnx.Param, ...)
+    buffers = jax.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)))()  # XLA drops the weight init
+    return graphdef, nnx.to_pure_dict(params), buffers
