@@ -25,7 +25,7 @@ def check_reachable(path, what: str, timeout: float = REMOTE_TIMEOUT_S) -> None:
     return at once."""
     import threading
 
-    text = os.fspath(path) if not isinstance(path, str) else path
+    text = os.fspath(path)
     if "://" not in text:
         return
     outcome: dict = {}

@@ -159,7 +159,9 @@ def test_sit_export_import_round_trip_samples_identically(sit_run, tmp_path):
         sit_import(str(tmp_path / "sit.pth"), config, str(tmp_path / "imported"), None)
     exported = json.loads((tmp_path / "sit.pth.latent_stats.json").read_text())  # written beside the .pth
     assert s["latent_stats"] == str(tmp_path / "sit.pth.latent_stats.json")
-    assert np.allclose(exported["mean"], json.loads((workdir / "latent_stats.json").read_text())["mean"], rtol=1e-6)
+    saved = json.loads((workdir / "latent_stats.json").read_text())
+    for k in ("mean", "std"):
+        assert np.allclose(exported[k], saved[k], rtol=1e-6), k
     sit_import(str(tmp_path / "sit.pth"), config, str(tmp_path / "imported"), s["latent_stats"])
     a = sample(str(workdir), str(tmp_path / "a"), num_videos=2, batch=2, steps=2, progress=False)
     b = sample(str(tmp_path / "imported"), str(tmp_path / "b"), num_videos=2, batch=2, steps=2, progress=False)

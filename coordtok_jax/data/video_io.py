@@ -49,10 +49,8 @@ def decode_frames(source: Union[PathLike, BinaryIO], max_frames: int | None = No
             raise
         except (OSError, ValueError, av.error.FFmpegError) as e:  # an empty, truncated or non-video file
             raise ValueError(f"{source}: not a readable video ({type(e).__name__}: {e})") from e
-        if not frames:
-            raise ValueError(f"{source}: no decodable frames")
     if not frames:
-        raise ValueError("no decodable frames")
+        raise ValueError("no decodable frames" if hasattr(source, "read") else f"{source}: no decodable frames")
     return np.stack(frames)
 
 

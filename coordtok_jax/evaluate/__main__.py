@@ -26,7 +26,7 @@ def define_flags():
                       "all: every patch in one joint pass (the paper's protocol, the default); chunks: contiguous "
                       "chunks of --points_per_call, remainder decoded; official: the official decode_video's "
                       "slicing exactly (equal chunks, remainder and a partial temporal patch left at zero).")
-    flags.DEFINE_integer("points_per_call", None, "Chunk size for --mode=chunks (default: config.num_points).")
+    flags.DEFINE_integer("points_per_call", None, "Chunk size for --mode=chunks and --mode=official (default: config.num_points).")
     flags.DEFINE_integer("batch", 0, "Clips per step over all devices (default: one per device).")
     flags.DEFINE_integer("seed", 0, "Seed of the clip draw.")
     flags.DEFINE_string("attention", None, "Override config.model.attention_impl (e.g. chunked on CPU, cudnn).")

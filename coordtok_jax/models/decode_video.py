@@ -1,6 +1,6 @@
 """Full-video decoding: query every patch coordinate of the first num_frames frames.
 
-Two modes:
+Three modes:
 * `all` (default): every patch of a video in one joint decoder pass (the paper's protocol:
   32,768 points for 128x128x128). Attention over that many points needs a memory-efficient
   kernel: cuDNN flash attention on GPUs (`config.model.attention_impl='cudnn'`, bf16) or
@@ -70,12 +70,19 @@ def decode_video(model, planes, num_frames: Optional[int] = None, points_per_cal
         if c <= 0:
             raise ValueError(f"points_per_call must be positive, got {c}")
         q = n // c
-        chunks = coords[:, : q * c].reshape(batch, q, c, 3).transpose(1, 0, 2, 3)
-        values = jax.lax.map(lambda cc: model.decode(planes, cc), chunks)  # (q, B, c, P)
-        values = values.transpose(1, 0, 2, 3).reshape(batch, q * c, -1)
+        values = _decode_chunks(model, planes, coords, q, c)
         if q * c < n:
             values = jnp.concatenate([values, model.decode(planes, coords[:, q * c :])], axis=1)
     return patches_to_video(values, num_t, g.dec_grid, g.dec_patch)[:, :num_frames]
+
+
+def _decode_chunks(model, planes, coords, count: int, size: int) -> jax.Array:
+    """The first count * size of coords (B, n, 3) decoded as `count` contiguous sequences of `size`
+    points each (one lax.map over the chunks); returns (B, count * size, P)."""
+    batch = coords.shape[0]
+    chunks = coords[:, : count * size].reshape(batch, count, size, 3).transpose(1, 0, 2, 3)
+    values = jax.lax.map(lambda cc: model.decode(planes, cc), chunks)  # (count, B, size, P)
+    return values.transpose(1, 0, 2, 3).reshape(batch, count * size, -1)
 
 
 def _decode_official(model, planes, num_frames: int, points_per_call: int) -> jax.Array:
@@ -93,10 +100,7 @@ def _decode_official(model, planes, num_frames: int, points_per_call: int) -> ja
     n = coords.shape[0]
     nslice = max(n // points_per_call, 1)  # the official divides by zero when n < points_per_call
     split = n // nslice
-    coords = jnp.broadcast_to(coords[: nslice * split], (batch, nslice * split, 3))
-    chunks = coords.reshape(batch, nslice, split, 3).transpose(1, 0, 2, 3)
-    values = jax.lax.map(lambda cc: model.decode(planes, cc), chunks)  # (nslice, B, split, P)
-    values = values.transpose(1, 0, 2, 3).reshape(batch, nslice * split, -1)
+    values = _decode_chunks(model, planes, jnp.broadcast_to(coords, (batch, n, 3)), nslice, split)
     values = jnp.concatenate([values, jnp.zeros((batch, n - nslice * split, values.shape[-1]), values.dtype)], axis=1)
     video = patches_to_video(values, num_t, g.dec_grid, g.dec_patch)
     pad = num_frames - video.shape[1]

@@ -148,7 +148,9 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
     # --- logging ----------------------------------------------------------------------------
     from coordtok_jax.train.workdir import Lock
 
-    lock = Lock(workdir).acquire() if is_main else None  # held since prepared_workdir: refreshed at each log
+    # held since prepared_workdir (which releases it); acquiring again checks this process holds it,
+    # and gives the object refreshed at each log
+    lock = Lock(workdir).acquire() if is_main else None
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter
@@ -246,7 +248,5 @@ def run(config, workdir: epath.Path, task: Task, *, peak_flops: Optional[float] 
             writer.close()
         for s, h in previous.items():
             signal.signal(s, h)
-        if lock is not None:
-            lock.release()
     summary.update(last_step=step, params=state.params, state=state)
     return summary

@@ -197,4 +197,3 @@ class Lock:
         if self.held:
             self._remove()
             self.held = False
-
