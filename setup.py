@@ -58,16 +58,11 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "coordtok-demo=coordtok_jax.demo:run",
-            "coordtok-prepare=coordtok_jax.data.prepare:run",
-            "coordtok-train=coordtok_jax.train.trainer:run",
-            "coordtok-convert=coordtok_jax.convert.cli:run",
-            "coordtok-evaluate=coordtok_jax.evaluate.__main__:run",
-            "coordtok-reconstruct=coordtok_jax.reconstruct:run",
-            "coordtok-train-sit=coordtok_jax.train_sit:run",
-            "coordtok-sample=coordtok_jax.sample:run",
-            "coordtok-encode-latents=coordtok_jax.data.encode_latents:run",
-            "coordtok-compile=coordtok_jax.compile:run",
+            f"coordtok-{tool.replace('_', '-')}=coordtok_jax.{module}:run" for tool, module in (
+                ("demo", "demo"), ("prepare", "prepare"), ("train", "train.__main__"),
+                ("convert", "convert.__main__"), ("evaluate", "evaluate.__main__"),
+                ("reconstruct", "reconstruct"), ("train_sit", "train_sit"), ("sample", "sample"),
+                ("encode_latents", "encode_latents"), ("compile", "compile"))
         ],
     },
     license="MIT",

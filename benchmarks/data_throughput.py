@@ -76,7 +76,7 @@ def main(argv):
     del argv
     import coordtok
     from coordtok_jax.data.pipeline import make_dataset
-    from coordtok_jax.data.prepare import prepare
+    from coordtok_jax.data.prepare_shards import prepare
 
     shape = (_FRAMES.value, _SIZE.value, _SIZE.value)
     work = _WORKDIR.value

@@ -55,13 +55,15 @@ def main(argv):
 
     from coordtok_jax import sharding as sharding_lib
     from coordtok_jax.convert.torch_io import model_from_params
-    from coordtok_jax.data import latents
+    from coordtok_jax.generation import latent_cache
     from coordtok_jax.data.shards import ShardWriter
     from coordtok_jax.data.video import to_model_input
     from coordtok_jax.diffusion.latent_stats import normalize
     from coordtok_jax.models.coordtok import CoordTok
     from coordtok_jax.train.state import make_optimizer
-    from coordtok_jax.train_sit import check_plane_shapes, make_sit_update, sit_state, make_transport
+    from coordtok_jax.diffusion.transport import make_transport
+    from coordtok_jax.generation.frozen_tokenizer import check_plane_shapes
+    from coordtok_jax.generation.train_sit import make_sit_update, sit_state
 
     dev = jax.devices()[0]
     B = _BATCH.value
@@ -114,17 +116,17 @@ def main(argv):
         _, _, cached_s = _timed(run_cached, _STEPS.value)
 
         with tempfile.TemporaryDirectory() as tmp:
-            w = ShardWriter(tmp, latents.shard_name(0, 1))
+            w = ShardWriter(tmp, latent_cache.shard_name(0, 1))
             host_planes = [np.asarray(z) for z in planes]
             n_records = 4 * B
             for k in range(n_records):
-                w.write(latents.encode_planes([z[k % B] for z in host_planes], -1, k))
+                w.write(latent_cache.encode_planes([z[k % B] for z in host_planes], -1, k))
             w.finish()
-            kb = os.path.getsize(os.path.join(tmp, latents.shard_name(0, 1))) / n_records / 1024
+            kb = os.path.getsize(os.path.join(tmp, latent_cache.shard_name(0, 1))) / n_records / 1024
             meta = dict(plane_shapes=[list(s) for s in g.plane_shapes], num_clips=n_records, num_shards=1)
             with open(os.path.join(tmp, "metadata.json"), "w") as f:
                 json.dump(meta, f)
-            it = iter(latents.make_latent_dataset(tmp, B, seed=0, process_index=0, process_count=1))
+            it = iter(latent_cache.make_latent_dataset(tmp, B, seed=0, process_index=0, process_count=1))
             next(it)
             start = time.perf_counter()
             reads = 10 * _STEPS.value

@@ -87,12 +87,13 @@ def main(argv):
     del argv
     import jax  # noqa: F401  (as in a trainer: jax runs a Python gc callback, a chance to switch threads)
 
-    from coordtok_jax.data import latents, records
+    from coordtok_jax.data import records
+    from coordtok_jax.generation import latent_cache
 
     rng = np.random.default_rng(0)
     clip = records.encode_clip(rng.integers(0, 256, (_FRAMES.value, _SIZE.value, _SIZE.value, 3), np.uint8),
                                3, "v.mp4")
-    planes = latents.encode_planes([rng.standard_normal(s).astype(np.float32)
+    planes = latent_cache.encode_planes([rng.standard_normal(s).astype(np.float32)
                                     for s in [(16, 16, 8), (32, 16, 8), (32, 16, 8)]], 0, 7)
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {os.cpu_count()} cores, "
           f"switch interval {_SWITCH.value:g} s in the threaded runs\n")

@@ -37,7 +37,8 @@ def main(argv):
     from coordtok_jax.diffusion.samplers import make_sample_fn
     from coordtok_jax.models.sit import validate_sit
     from coordtok_jax.train.state import make_optimizer
-    from coordtok_jax.train_sit import make_sit_update, sit_state, make_transport
+    from coordtok_jax.diffusion.transport import make_transport
+    from coordtok_jax.generation.train_sit import make_sit_update, sit_state
 
     dev = jax.devices()[0]
     print(f"device: {dev.platform} {getattr(dev, 'device_kind', '')}, jax {jax.__version__}, {_DTYPE.value}, "

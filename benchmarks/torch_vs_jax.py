@@ -102,7 +102,7 @@ def main(argv):
     from flax import nnx
 
     from coordtok_jax import sharding as sharding_lib
-    from coordtok_jax import torch_model
+    from coordtok_jax.convert.torch import coordtok as torch_model
     from coordtok_jax.convert.torch_io import to_torch_state_dict
     from coordtok_jax.data.video import to_model_input
     from coordtok_jax.models import validate

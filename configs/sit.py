@@ -1,6 +1,6 @@
 r"""Triplane SiT configurations (latent diffusion on CoordTok planes).
 
-    --config=configs/sit.py:ARG   with ARG in {S/2, B/2, L/2, XL/2, tiny}
+    --config=configs/sit.py:ARG   with ARG = SIZE[,runlocal], SIZE in {S/2, B/2, L/2, XL/2, tiny, cpu}
     --config.tokenizer=/path/to/tokenizer/workdir
 
 * `L/2`: the released CoordTok-SiT-L/2 (official train_sit.py / sample_sit.py defaults): depth 24,
@@ -18,12 +18,10 @@ AdamW lr 1e-4 without weight decay, global batch 64, EMA 0.9999 every step, no c
 Sampling (README): SDE Euler-Maruyama, 250 steps, diffusion form 'sigma', last step 'Mean' 0.04.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-from coordtok_jax import sharding
+from coordtok_jax import config_lib, sharding
+from coordtok_jax.data.config import CPU_DATA, data_config
 
 _SIZES = {  # depth, hidden_size, num_heads
     "S/2": (12, 384, 6),
@@ -33,6 +31,7 @@ _SIZES = {  # depth, hidden_size, num_heads
     "tiny": (2, 64, 2),
     "cpu": (2, 64, 2),  # the README's CPU generation job, on the `cpu` tokenizer's 16x16 planes
 }
+LOCAL_SIZES = ("tiny", "cpu")  # CPU-scale sizes: they imply runlocal
 # What the `cpu` SiT changes from the defaults (measured: benchmarks/RESULTS.md, "a CPU recipe"):
 # the `cpu` tokenizer's data, a large learning rate with a short EMA, 2x the batch.
 CPU_RECIPE = {
@@ -50,20 +49,10 @@ CPU_RECIPE = {
 
 
 
-def _tokenizer_configs():
-    """configs/coordtok.py, loaded by path (config files are scripts, not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "coordtok.py")
-    spec = importlib.util.spec_from_file_location("_coordtok_config_for_sit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def model_config(size: str) -> ml_collections.ConfigDict:
     if size not in _SIZES:
         raise ValueError(f"unknown SiT size {size!r}; choose one of {list(_SIZES)}")
     depth, hidden, heads = _SIZES[size]
-    tiny = size in ("tiny", "cpu")
     m = ml_collections.ConfigDict()
     m.hidden_size = hidden
     m.depth = depth
@@ -84,8 +73,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    size = (arg or "tiny").strip()
-    tiny = size in ("tiny", "cpu")
+    """ARG = SIZE[,runlocal]: SIZE in {S/2, B/2, L/2, XL/2, tiny, cpu}; runlocal: SIZE's model with a
+    schedule that runs on a CPU (implied by tiny and cpu)."""
+    size, options = config_lib.parse_arg(arg, sizes=list(_SIZES), default="tiny", local_sizes=LOCAL_SIZES)
+    local = options["runlocal"]
     config = ml_collections.ConfigDict()
     config.size = size
     config.seed = 0
@@ -93,14 +84,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # The frozen tokenizer: a CoordTok workdir (or checkpoint folder) whose planes match
     # config.model (in_channels, latent_resolution_xy / _t).
     config.tokenizer = ml_collections.FieldReference(None, field_type=str)
-    config.data = _tokenizer_configs().data_config()
-    # Or train from a latent cache (python -m coordtok_jax.data.encode_latents): its data config
+    config.data = data_config()
+    # Or train from a latent cache (python -m coordtok_jax.encode_latents): its data config
     # and tokenizer are adopted, the tokenizer is loaded only for the sampling evals.
     config.latents = ml_collections.FieldReference(None, field_type=str)
-    if tiny:
+    if local:
         config.data.min_frames = 9
 
-    config.batch_size = 8 if tiny else 64  # global
+    config.batch_size = 8 if local else 64  # global
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 1e-4
     config.optimizer.b1 = 0.9
@@ -121,7 +112,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     config.sampler = ml_collections.ConfigDict()
     config.sampler.mode = "sde"  # official README: SDE, Euler-Maruyama
-    config.sampler.num_steps = 20 if tiny else 250
+    config.sampler.num_steps = 20 if local else 250
     config.sampler.diffusion_form = "sigma"
     config.sampler.diffusion_norm = 1.0
     config.sampler.last_step = "Mean"
@@ -129,18 +120,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.sampler.cfg_scale = 1.0  # > 1 needs a class-conditional model (class_dropout_prob > 0)
 
     # Latent normalisation statistics (per plane and channel), recomputed from this many clips.
-    config.stats_num_clips = 16 if tiny else 2048
+    config.stats_num_clips = 16 if local else 2048
 
-    config.total_steps = 100 if tiny else 600_000
-    config.log_every = 10 if tiny else 100
-    config.save_every = 50 if tiny else 10_000
+    config.total_steps = 100 if local else 600_000
+    config.log_every = 10 if local else 100
+    config.save_every = 50 if local else 10_000
     config.keep_last = 3
     config.keep_every = 0  # also keep every N-th step's checkpoint (0 = off)
     # In-loop eval (0 = off): eval_num_videos samples from the EMA (eval_sampler_steps steps of the
     # configured sampler, None = config.sampler.num_steps) -> WORKDIR/samples/step_N.gif and the
     # sampled latents' spread; with eval_i3d (i3d_pretrained_400.pt) also gFVD vs as many real clips.
-    config.eval_every = 0 if tiny else 25_000
-    config.eval_num_videos = 4 if tiny else 16
+    config.eval_every = 0 if local else 25_000
+    config.eval_num_videos = 4 if local else 16
     config.eval_sampler_steps = ml_collections.FieldReference(None, field_type=int)
     config.eval_i3d = ml_collections.FieldReference(None, field_type=str)
     config.debug = ml_collections.ConfigDict()
@@ -149,19 +140,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     # FSDP over every chip for the real sizes (the only way L + AdamW fits a v5e chip; measured per slice in
     # launch/README.md); data parallel for the CPU-scale configs.
-    config.mesh.shape = (-1, 1) if tiny else (1, -1)  # one entry may be -1 = the remaining devices
+    config.mesh.shape = (-1, 1) if local else (1, -1)  # one entry may be -1 = the remaining devices
     config.mesh.axes = ("data", "fsdp")
     config.logical_axis_rules = sharding.LOGICAL_AXIS_RULES  # the same table as the tokenizer
     config.distributed = "auto"
     if size == "cpu":  # the cpu tokenizer's data, and the recipe above
-        tokenizer_configs = _tokenizer_configs()
-        data = [(k, v) for k, v in tokenizer_configs.CPU_RECIPE.items() if k.startswith("data.")]
-        for dotted, value in data + list(CPU_RECIPE.items()):
-            *parents, leaf = dotted.split(".")
-            node = config
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+        config_lib.override(config, {**CPU_DATA, **CPU_RECIPE})
     return config
 
 

@@ -32,10 +32,10 @@ import re
 import sys
 from typing import Optional
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from coordtok_jax import entry
+from coordtok_jax import cli
 from coordtok_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -158,7 +158,7 @@ def tokenizer_config_for(config, spec: Optional[str]):
     if spec:
         return _load_config(spec)
     if config.get("tokenizer"):
-        from coordtok_jax.train.checkpoint import read_config
+        from coordtok_jax.io.checkpoint import read_config
 
         return read_config(config.tokenizer)
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "coordtok.py")
@@ -180,13 +180,14 @@ def build_program(config, mesh, num_processes: int, program: str = "train", batc
     if is_sit:
         if program != "train":
             raise UserError(f"--program={program} is for tokenizer configs; a SiT config compiles its train step")
-        from coordtok_jax import train_sit
+        from coordtok_jax.generation import train_sit
+        from coordtok_jax.generation.frozen_tokenizer import abstract_tokenizer
         from coordtok_jax.train.state import make_optimizer
 
         train_sit.validate_sit_config(config, mesh, num_processes)
         tx = make_optimizer(config)
         plan = train_sit.sit_state(config, mesh, tx)
-        tok = None if config.get("latents") else train_sit.abstract_tokenizer(
+        tok = None if config.get("latents") else abstract_tokenizer(
             config, tokenizer_config_for(config, tokenizer_config), mesh)
         return train_sit.step_program(config, plan, tx, tok)
     from coordtok_jax.train import trainer
@@ -198,7 +199,7 @@ def build_program(config, mesh, num_processes: int, program: str = "train", batc
     from flax import nnx
 
     from coordtok_jax.data.video import to_model_input
-    from coordtok_jax.evaluate.loading import abstract_params
+    from coordtok_jax.io.runs import abstract_params
     from coordtok_jax.models import CoordTok
     from coordtok_jax.models.decode_video import decode_video
     from coordtok_jax.train import flops as flops_lib
@@ -335,12 +336,6 @@ def define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None:
-        raise app.UsageError("--config is required (see --help)")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
     from coordtok_jax.train import aot
 
     r = compile_report(FLAGS.config, FLAGS.topology, program=FLAGS.program, batch=FLAGS.batch,
@@ -358,7 +353,7 @@ def main(argv):
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    cli.run(__name__, define_flags, main, required=("config",))
 
 
 if __name__ == "__main__":

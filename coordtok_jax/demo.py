@@ -17,10 +17,10 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from coordtok_jax import entry
+from coordtok_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +51,7 @@ def reconstruct(config, num_videos: int, output: str) -> dict:
 
     from coordtok_jax.data.synthetic import synthetic_clip
     from coordtok_jax.data.video import to_model_input
-    from coordtok_jax.evaluate.metrics import video_psnr
+    from coordtok_jax.metrics.quality import video_psnr
     from coordtok_jax.models import CoordTok, count_params, validate
     from coordtok_jax.models.decode_video import decode_video
 
@@ -109,17 +109,11 @@ def reconstruct(config, num_videos: int, output: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/coordtok.py:tiny")
-    logging.set_verbosity(logging.WARNING)
-
     reconstruct(FLAGS.config, FLAGS.num_videos, FLAGS.output)
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    cli.run(__name__, define_flags, main, required=("config",), log_level="warning")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def tokenizer_dir(tmp_path_factory):
     from flax import nnx
 
     from coordtok_jax.models.coordtok import CoordTok
-    from coordtok_jax.train.checkpoint import save_params
+    from coordtok_jax.io.checkpoint import save_params
 
     workdir = tmp_path_factory.mktemp("tokenizer")
     config = coordtok.get_config("tiny")

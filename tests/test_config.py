@@ -55,8 +55,43 @@ def test_the_cpu_sit_matches_the_cpu_tokenizer():
 
 
 def test_unknown_size():
-    with pytest.raises(ValueError, match="unknown CoordTok size 'XL'"):
+    with pytest.raises(ValueError, match=r"config argument 'XL': unknown size 'XL'; choose one of \['L', 'B', 'S'"):
         coordtok.get_config("XL")
+
+
+def test_runlocal_keeps_the_model_and_swaps_the_schedule():
+    """SIZE,runlocal = SIZE's model with the CPU-scale schedule of tiny; stage and runlocal combine."""
+    import sit
+
+    full, local, tiny = coordtok.get_config("S,stage=2"), coordtok.get_config("S,stage=2,runlocal"), \
+        coordtok.get_config("tiny,stage=2")
+    assert local.model.to_dict() == full.model.to_dict() and local.stage == full.stage == 2
+    for field in ("batch_size", "total_steps", "num_points", "eval_every", "keep_every"):
+        assert local[field] == tiny[field] != full[field], field
+    assert tuple(local.mesh.shape) == (-1, 1) and tuple(full.mesh.shape) == (1, -1)
+    sit_local, sit_full = sit.get_config("L/2,runlocal"), sit.get_config("L/2")
+    assert sit_local.model.to_dict() == sit_full.model.to_dict()
+    assert (sit_local.batch_size, sit_local.total_steps) == (8, 100) != (sit_full.batch_size, sit_full.total_steps)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("L,stage=3", r"config argument 'L,stage=3': stage must be one of \['1', '2'\], got '3'"),
+    ("L,steps=3", r"config argument 'L,steps=3': unknown option 'steps' \(known: \['stage'\], runlocal\)"),
+    ("L,fast", r"config argument 'L,fast': expected SIZE\[,key=value...\]\[,runlocal\], got 'fast'"),
+])
+def test_config_argument_errors_name_the_argument(arg, message):
+    with pytest.raises(ValueError, match=message):
+        coordtok.get_config(arg)
+
+
+def test_overrides_refuse_a_field_that_does_not_exist():
+    from coordtok_jax import config_lib
+
+    config = coordtok.get_config("tiny")
+    config_lib.override(config, {"optimizer.learning_rate": 0.5})
+    assert config.optimizer.learning_rate == 0.5
+    with pytest.raises(KeyError, match="override 'optimizer.learnig_rate'"):
+        config_lib.override(config, {"optimizer.learnig_rate": 0.5})
 
 
 @pytest.mark.parametrize(

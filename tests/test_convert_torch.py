@@ -18,9 +18,9 @@ pytestmark = pytest.mark.torch
 
 from test_convert import ROOT, _reference, medium_config  # noqa: E402
 
-from coordtok_jax import torch_model  # noqa: E402
-from coordtok_jax.convert import cli  # noqa: E402
-from coordtok_jax.evaluate.loading import abstract_params  # noqa: E402
+from coordtok_jax.convert.torch import coordtok as torch_model  # noqa: E402
+from coordtok_jax.convert import commands  # noqa: E402
+from coordtok_jax.io.runs import abstract_params  # noqa: E402
 from coordtok_jax.convert.coordtok import ConversionError, from_official  # noqa: E402
 from coordtok_jax.models.coordtok import CoordTok, count_params  # noqa: E402
 from coordtok_jax.models.decode_video import decode_video  # noqa: E402
@@ -32,7 +32,7 @@ from coordtok_jax.convert.torch_io import (  # noqa: E402
     save_checkpoint,
     to_torch_state_dict,
 )
-from coordtok_jax.train.checkpoint import is_params_only, restore_params, save_params  # noqa: E402
+from coordtok_jax.io.checkpoint import is_params_only, restore_params, save_params  # noqa: E402
 
 
 def torch_kwargs(cfg):
@@ -238,7 +238,7 @@ def test_import_errors_list_every_problem(tmp_path):
 
 
 def test_export_import_cli_functions_and_torch_free_reader(tmp_path):
-    from coordtok_jax.convert.pth import load_pth
+    from coordtok_jax.io.pth import load_pth
     from coordtok_jax.convert.torch_io import official_numpy
 
     config = coordtok.get_config("tiny")
@@ -248,10 +248,10 @@ def test_export_import_cli_functions_and_torch_free_reader(tmp_path):
     assert is_params_only(str(tmp_path / "run"))
 
     out = tmp_path / "export.pth"
-    s = cli.torch_export(str(tmp_path / "run"), str(out))
+    s = commands.torch_export(str(tmp_path / "run"), str(out))
     assert s["step"] == 7 and s["tensors"] == 105 and s["parameters"] == 511_408
     with pytest.raises(FileExistsError, match="--overwrite"):
-        cli.torch_export(str(tmp_path / "run"), str(out))
+        commands.torch_export(str(tmp_path / "run"), str(out))
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     assert ckpt["step"] == 7 and ckpt["config"]["enc_embed_dim"] == 64
     assert all(k.startswith("module.") for k in ckpt["model"])
@@ -266,13 +266,13 @@ def test_export_import_cli_functions_and_torch_free_reader(tmp_path):
     arrays, _ = official_numpy(load_pth(out))
     jax.tree.map(np.testing.assert_array_equal, from_official(arrays, config.model), want)
 
-    s = cli.torch_import(str(out), config, str(tmp_path / "imported"))
+    s = commands.torch_import(str(out), config, str(tmp_path / "imported"))
     assert s["tensors"] == 105 and s["parameters"] == 511_408
     params, step = restore_params(str(tmp_path / "imported"), abstract_params(config.model))
     assert step == 0
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        cli.torch_import(str(out), config, str(tmp_path / "imported"))
+        commands.torch_import(str(out), config, str(tmp_path / "imported"))
 
 
 def test_trainer_starts_from_a_torch_import_and_refuses_to_resume_it(tmp_path):
@@ -283,7 +283,7 @@ def test_trainer_starts_from_a_torch_import_and_refuses_to_resume_it(tmp_path):
     model = jax_model(config.model, 9)
     pth = tmp_path / "official.pth"
     save_checkpoint(to_torch_state_dict(model), pth)
-    cli.torch_import(str(pth), config, str(tmp_path / "imported"))
+    commands.torch_import(str(pth), config, str(tmp_path / "imported"))
 
     with config.unlocked():
         config.total_steps, config.eval_videos, config.log_every, config.save_every = 2, 0, 1, 2

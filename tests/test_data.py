@@ -15,7 +15,7 @@ from PIL import Image
 import video_files
 from coordtok_jax.data import records
 from coordtok_jax.data.pipeline import make_dataset
-from coordtok_jax.data.prepare import prepare
+from coordtok_jax.data.prepare_shards import prepare
 from coordtok_jax.data.sources import DataError, FolderSource, make_source
 from coordtok_jax.data.video_io import decode_frames, resize_center_crop, take_window
 
@@ -301,16 +301,16 @@ def test_prepare_then_read_array_record(corrupt_tree, tmp_path):
 
 def test_prepare_cli(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "coordtok_jax.data.prepare", "--source=synthetic", "--num_clips=3", "--frames=8",
+        [sys.executable, "-m", "coordtok_jax.prepare", "--source=synthetic", "--num_clips=3", "--frames=8",
          "--height=16", "--width=16", f"--output={tmp_path}", "--num-shards=2", "--workers=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote 3 clips" in proc.stdout and "100%" in proc.stdout  # progress bar
     assert json.loads((tmp_path / "metadata.json").read_text())["num_clips"] == 3
-    help_proc = subprocess.run([sys.executable, "-m", "coordtok_jax.data.prepare", "--help"], cwd=ROOT,
+    help_proc = subprocess.run([sys.executable, "-m", "coordtok_jax.prepare", "--help"], cwd=ROOT,
                                capture_output=True, text=True, timeout=120)
     assert "--num_shards" in help_proc.stdout and "--output" in help_proc.stdout
-    missing = subprocess.run([sys.executable, "-m", "coordtok_jax.data.prepare", "--source=folder",
+    missing = subprocess.run([sys.executable, "-m", "coordtok_jax.prepare", "--source=folder",
                               f"--input={tmp_path}/nope", f"--output={tmp_path}/o"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "is not a directory" in missing.stderr

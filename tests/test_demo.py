@@ -4,6 +4,7 @@ import json
 
 import coordtok
 import numpy as np
+import pytest
 from PIL import Image
 
 from coordtok_jax import demo
@@ -42,3 +43,18 @@ def test_synthetic_clips_are_deterministic_and_varied():
     short = next(i for i, n in enumerate(lengths) if n < 24)
     clip, n = synthetic_clip(0, short, (24, 8, 8), min_frames=4)
     assert np.all(clip[n:] == 0)
+
+
+def test_max_shapes_bounds_the_shapes_and_keeps_the_default_clips():
+    """Flat, still clips: one colour for the background plus one per shape; max_shapes=3 is the
+    default data bit for bit."""
+    def colours(i, **kw):
+        frame = synthetic_clip(0, i, (2, 32, 32), texture=0.0, motion=0.0, **kw)[0][0]
+        return len(np.unique(frame.reshape(-1, 3), axis=0))
+
+    one = [colours(i, max_shapes=1) for i in range(30)]
+    default = [colours(i) for i in range(30)]
+    assert max(one) == 2 and max(default) > 2  # (a shape may be hidden under another: <= not ==)
+    np.testing.assert_array_equal(synthetic_clip(0, 3, (8, 16, 16), max_shapes=3)[0], synthetic_clip(0, 3, (8, 16, 16))[0])
+    with pytest.raises(ValueError, match="max_shapes must be >= 1, got 0"):
+        synthetic_clip(0, 0, (2, 8, 8), max_shapes=0)

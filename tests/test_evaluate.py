@@ -20,7 +20,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from coordtok_jax.data.pipeline import make_sampled_dataset
 from coordtok_jax.data.video import to_model_input
 from coordtok_jax.data.video_io import crop_box, decode_frames, resize, resize_center_crop
-from coordtok_jax.evaluate.loading import load_tokenizer
+from coordtok_jax.io.runs import load_tokenizer
 from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.train import trainer
 from video_files import moving_frames, write_video
@@ -63,7 +63,7 @@ def _recompute(workdir, num_videos, seed, lpips=None):
 
 
 def _random_i3d(path):
-    from coordtok_jax.evaluate.i3d import expected_shapes
+    from coordtok_jax.metrics.i3d import expected_shapes
 
     rng = np.random.default_rng(0)
     sd = {}
@@ -80,10 +80,10 @@ def _random_i3d(path):
 
 def test_evaluate_writes_results_that_match_a_recomputation(trained, tmp_path):
     """PSNR/SSIM (scikit-image), LPIPS and rFVD (I3D logits, Frechet distance) recomputed."""
-    from coordtok_jax.evaluate.fvd import FeatureStats, fvd
-    from coordtok_jax.evaluate.i3d import i3d_features, load_i3d
+    from coordtok_jax.metrics.fvd import FeatureStats, fvd
+    from coordtok_jax.metrics.i3d import i3d_features, load_i3d
     from coordtok_jax.evaluate.run import evaluate
-    from coordtok_jax.models.lpips import conv_shapes, lin_shapes
+    from coordtok_jax.metrics.lpips import conv_shapes, lin_shapes
 
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "vgg.npz", **{k: (rng.standard_normal(s) * 0.05).astype(np.float32)
@@ -124,7 +124,7 @@ def test_evaluate_writes_results_that_match_a_recomputation(trained, tmp_path):
 
 
 def test_reconstruct_cli_and_tokens_round_trip(trained, tmp_path):
-    from coordtok_jax.reconstruct import reconstruct
+    from coordtok_jax.evaluate.reconstruct import reconstruct
 
     frames = moving_frames(37, 60, 90, seed=1)  # any size and length: 37 frames = 16 + 16 + 5
     src = write_video(tmp_path / "user.avi", frames)
@@ -181,7 +181,7 @@ def test_reconstruct_cli_and_tokens_round_trip(trained, tmp_path):
 
 
 def test_reconstruct_refuses_an_empty_or_garbage_file_naming_it(trained, tmp_path):
-    from coordtok_jax.reconstruct import reconstruct
+    from coordtok_jax.evaluate.reconstruct import reconstruct
 
     for name, content in (("empty.mp4", b""), ("garbage.mp4", os.urandom(4096))):
         (tmp_path / name).write_bytes(content)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coordtok_jax.evaluate import fvd as F
+from coordtok_jax.metrics import fvd as F
 
 
 def _features(n, d, seed, scale=3.0, shift=0.0):
@@ -136,7 +136,7 @@ def test_compute_stats_batches_and_truncates():
     stats = F.compute_stats(iter(batches), _TinyFeatures(), num_clips=5, progress=False)
     # reference: preprocess is resize + crop + affine; the mean of 16x20 -> 224x280 -> crop differs
     # slightly from the plain mean, so compare with i3d_features on the same clips directly
-    from coordtok_jax.evaluate.i3d import i3d_features
+    from coordtok_jax.metrics.i3d import i3d_features
     feats = i3d_features(_TinyFeatures(), videos[:5], batch_size=2)
     assert stats.count == 5
     np.testing.assert_allclose(stats.mean, feats.mean(0), rtol=1e-6, atol=1e-7)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coordtok_jax.evaluate import i3d
+from coordtok_jax.metrics import i3d
 
 
 def _random_state_dict(shapes, seed=0):

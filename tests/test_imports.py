@@ -1,5 +1,6 @@
 """The package's shape: no import cycle between its modules (function-level imports included, since
-they only hide a cycle) and no module over 450 lines."""
+they only hide a cycle), no import against the data flow (the layer order below), no private name
+imported from another module, and no module over 450 lines."""
 
 import ast
 
@@ -7,6 +8,34 @@ import conftest
 
 PACKAGE = conftest.ROOT / "coordtok_jax"
 MAX_LINES = 450
+
+# The data flow, lowest first: a module may import its own layer and the layers before it. Keys are
+# module prefixes under coordtok_jax (a package and everything in it, or one module).
+LAYERS = [
+    ("errors", "sharding", "remote", "cli", "pictures"),  # shared by every layer
+    ("data",),  # sources of clips -> model input
+    ("models",),  # CoordTok, its decoding, the SiT
+    ("io",),  # .pth files, checkpoints, loading a trained run
+    ("metrics", "diffusion"),  # PSNR/SSIM/LPIPS/I3D/FVD; flow-matching transport and samplers
+    ("train",),  # the tokenizer trainer and the loop, state and step every trainer shares
+    ("evaluate",),  # evaluate / reconstruct with a trained tokenizer
+    ("generation",),  # SiT on a frozen tokenizer: latent cache, trainer, sampling
+    ("convert",),  # to and from the official PyTorch format
+    ("compile", "demo", "reconstruct", "train_sit", "sample", "encode_latents", "prepare"),  # tools
+]
+
+
+def layer_of(module: str) -> int:
+    name = module.removeprefix("coordtok_jax.")
+    for i, prefixes in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer of tests/test_imports.py: LAYERS; add it where it belongs")
+
+
+def against_the_flow(graph: dict) -> list:
+    return sorted((m, t) for m, targets in graph.items() if m != "coordtok_jax"
+                  for t in targets if layer_of(t) > layer_of(m))
 
 
 def _modules() -> dict:
@@ -91,8 +120,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_in_the_package():
     graph = import_graph()
-    assert "coordtok_jax.train_sit" not in graph["coordtok_jax.sample"]  # sampling does not need the trainer
-    assert graph["coordtok_jax.train.loop"] >= {"coordtok_jax.train.checkpoint"}  # the walk sees real edges
+    assert "coordtok_jax.generation.train_sit" not in graph["coordtok_jax.generation.sample"]  # sampling needs no trainer
+    assert graph["coordtok_jax.train.loop"] >= {"coordtok_jax.io.checkpoint"}  # the walk sees real edges
     assert cycles(graph) == []
 
 
@@ -100,3 +129,20 @@ def test_no_module_over_450_lines():
     long = {str(f.relative_to(conftest.ROOT)): n for f in PACKAGE.rglob("*.py")
             if (n := len(f.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_no_import_against_the_flow():
+    graph = import_graph()
+    assert against_the_flow({"coordtok_jax.io.runs": {"coordtok_jax.train.loop"}}) == [
+        ("coordtok_jax.io.runs", "coordtok_jax.train.loop")]  # the check itself sees a violation
+    assert against_the_flow(graph) == []
+
+
+def test_no_private_name_imported_from_another_module():
+    found = []
+    for f in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("coordtok_jax"):
+                found += [f"{f.relative_to(conftest.ROOT)}: {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coordtok_jax.convert.pth import load_pth
-from coordtok_jax.models.lpips import LPIPS, Frozen, _normalize, load_lpips
+from coordtok_jax.io.pth import load_pth
+from coordtok_jax.metrics.lpips import LPIPS, Frozen, _normalize, load_lpips
 
 # torchvision vgg16 `features` (independent of the module's constants): ints are 3x3 convs + ReLU,
 # 'M' is a 2x2 max pool. Official LPIPS taps the outputs of features[0:4], [4:9], [9:16], [16:23], [23:30].
@@ -176,12 +176,17 @@ def test_from_state_dicts_errors(weights):
     LPIPS.from_state_dicts(dict(vgg, **{"classifier.0.weight": np.zeros((4, 4), np.float32)}), lin)
 
 
+@pytest.mark.torch
 def test_real_lin_file(reference_dir, weights):
+    """The official LPIPS linear heads (a legacy-format torch file read without torch) give the
+    distance the torch reference computes with the same file's heads."""
+    torch = pytest.importorskip("torch")
     lin = load_pth(reference_dir / "lpips_vgg_lin.pth")
     model = LPIPS.from_state_dicts(weights[0], lin)
     np.testing.assert_array_equal(np.asarray(model.lins[3][...]), lin["lin3.model.1.weight"].reshape(-1))
-    d = fwd(model, *pair(11))
-    assert d.shape == (2,) and np.isfinite(np.asarray(d)).all() and (np.asarray(d) > 0).all()
+    x, y = images((2, 32, 32, 3), 11), images((2, 32, 32, 3), 12)
+    want = torch_lpips(torch, weights[0], {k: np.asarray(v) for k, v in lin.items()}, x, y)
+    np.testing.assert_allclose(np.asarray(fwd(model, jnp.asarray(x), jnp.asarray(y))), want, rtol=1e-5)
 
 
 def test_load_lpips_missing_paths(tmp_path, reference_dir):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from coordtok_jax.evaluate.metrics import (
+from coordtok_jax.metrics.quality import (
     frames_in_unit_range,
     lpips_per_frame,
     psnr_per_frame,
@@ -54,7 +54,7 @@ def test_video_means_use_only_valid_frames():
 
 
 def test_lpips_per_frame_is_frame_wise():
-    from coordtok_jax.models.lpips import LPIPS
+    from coordtok_jax.metrics.lpips import LPIPS
 
     lpips = LPIPS.random(jax.random.key(0))
     pred, target = _videos(2, (2, 3, 32, 32, 3))

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from coordtok_jax.convert.pth import MAGIC_NUMBER, PROTOCOL_VERSION, load_pth
+from coordtok_jax.io.pth import MAGIC_NUMBER, PROTOCOL_VERSION, load_pth
 
 
 def test_real_lpips_lin_file(reference_dir):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.torch
 
 from test_sit_model import inputs, medium, random_tree, rel  # noqa: E402
 
-from coordtok_jax import torch_sit  # noqa: E402
+from coordtok_jax.convert.torch import sit as torch_sit  # noqa: E402
 from coordtok_jax.convert.coordtok import ConversionError  # noqa: E402
 from coordtok_jax.convert.sit import (  # noqa: E402
     read_sit_checkpoint,

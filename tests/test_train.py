@@ -18,7 +18,7 @@ import pytest
 from distributed import run_two_processes
 
 from coordtok_jax.train import trainer
-from coordtok_jax.train.checkpoint import restore_params
+from coordtok_jax.io.checkpoint import restore_params
 from coordtok_jax.train.loop import NonFiniteLoss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +172,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
 
 
 def test_stage2_starts_from_stage1_with_lpips(straight_run, tmp_path):
-    from coordtok_jax.models.lpips import conv_shapes, lin_shapes
+    from coordtok_jax.metrics.lpips import conv_shapes, lin_shapes
 
     stage1_dir, summary = straight_run
     rng = np.random.default_rng(0)
@@ -205,7 +205,7 @@ def test_checkpointer_save_restore_on_gcs():
     pytest.importorskip("gcp_storage_emulator")
     import gcs_emulator
     from coordtok_jax.data.pipeline import make_dataset
-    from coordtok_jax.train.checkpoint import Checkpointer
+    from coordtok_jax.io.checkpoint import Checkpointer
 
     config = tiny()
     state = {"params": {"w": jax.numpy.arange(12.0).reshape(3, 4)}, "step": jax.numpy.asarray(7, jax.numpy.int32)}
@@ -332,7 +332,7 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_step(straigh
 
     from coordtok_jax import sharding as sharding_lib
     from coordtok_jax.data.pipeline import make_dataset
-    from coordtok_jax.train.checkpoint import CheckpointError, Checkpointer
+    from coordtok_jax.io.checkpoint import CheckpointError, Checkpointer
 
     config = tiny(total_steps=20, save_every=10, eval_every=20, log_every=5)
     mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axes)
@@ -378,7 +378,7 @@ def test_a_failed_save_stops_with_its_cause_and_keeps_the_previous_step(tmp_path
     line (path, 'No space left on device', which step is intact) and the half-written folder is gone."""
     import errno
 
-    from coordtok_jax.train.checkpoint import CheckpointError, Checkpointer
+    from coordtok_jax.io.checkpoint import CheckpointError, Checkpointer
 
     state = {"w": jax.numpy.arange(8.0)}
     import grain

@@ -12,7 +12,8 @@ import sit
 
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.train.state import make_optimizer
-from coordtok_jax.train_sit import make_sit_update, make_transport, sit_state, train_sit
+from coordtok_jax.diffusion.transport import make_transport
+from coordtok_jax.generation.train_sit import make_sit_update, sit_state, train_sit
 
 
 def _one_device_mesh():
@@ -99,7 +100,7 @@ def test_class_conditional_training_drops_labels_to_the_null_class():
     assert moved[0] > 0 and moved[1] > 0 and moved[4] > 0  # labels 0, 1 and the null class 4
     assert moved[2] == 0 and moved[3] == 0
 
-    from coordtok_jax.sample import make_generator
+    from coordtok_jax.generation.sample import make_generator
 
     unconditional = _tiny_sit_config()
     with unconditional.unlocked():
@@ -124,7 +125,7 @@ def test_train_sit_end_to_end_with_stats_resume_and_sampling(sit_run):
     import av
     from PIL import Image
 
-    from coordtok_jax.sample import sample
+    from coordtok_jax.generation.sample import sample
 
     s = sample(str(tmp_path), str(tmp_path / "samples"), num_videos=3, batch=2, steps=3, progress=False)
     assert s["step"] == 6 and s["videos"] == 3 and s["shape"] == [16, 32, 32, 3] and len(s["outputs"]) == 3
@@ -146,8 +147,8 @@ def test_sit_export_import_round_trip_samples_identically(sit_run, tmp_path):
     pytest.importorskip("torch")
     import torch
 
-    from coordtok_jax.convert.cli import sit_export, sit_import
-    from coordtok_jax.sample import sample
+    from coordtok_jax.convert.commands import sit_export, sit_import
+    from coordtok_jax.generation.sample import sample
 
     workdir, config, _, _ = sit_run
     s = sit_export(str(workdir), str(tmp_path / "sit.pth"))
@@ -170,8 +171,8 @@ def test_sit_export_import_round_trip_samples_identically(sit_run, tmp_path):
 
 
 def test_commands_on_the_wrong_kind_of_run_name_it_and_the_right_command(sit_run, tmp_path):
-    from coordtok_jax.convert.cli import sit_export, torch_export
-    from coordtok_jax.sample import sample
+    from coordtok_jax.convert.commands import sit_export, torch_export
+    from coordtok_jax.generation.sample import sample
 
     workdir, config, _, _ = sit_run
     with pytest.raises(ValueError, match=r"holds a SiT run \(coordtok_jax.train_sit\), not a CoordTok tokenizer run.*"

@@ -9,7 +9,7 @@ import pytest
 
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.models import validate
-from coordtok_jax.train import flops, sampling
+from coordtok_jax.train import flops, points
 from coordtok_jax.train.state import make_optimizer, tokenizer_state
 from coordtok_jax.train.step import frames_from_points, make_train_step
 
@@ -32,7 +32,7 @@ def micro_config():
 
 def test_stage1_indices_uniform_over_valid_frames_with_replacement():
     n_frames = jnp.array([16, 5, 1])
-    idx = np.asarray(sampling.sample_stage1(jax.random.key(0), n_frames, TINY, 4000))
+    idx = np.asarray(points.sample_stage1(jax.random.key(0), n_frames, TINY, 4000))
     assert idx.shape == (3, 4000, 3) and idx.dtype == np.int32
     for b, n in enumerate([16, 5, 1]):
         assert idx[b, :, 0].min() == 0 and idx[b, :, 0].max() == n - 1
@@ -44,7 +44,7 @@ def test_stage1_indices_uniform_over_valid_frames_with_replacement():
 
 def test_stage2_distinct_frames_all_patches_row_major():
     n_frames = jnp.array([16, 10, 3])
-    idx = np.asarray(sampling.sample_stage2(jax.random.key(1), n_frames, TINY, 4))
+    idx = np.asarray(points.sample_stage2(jax.random.key(1), n_frames, TINY, 4))
     assert idx.shape == (3, 4 * 64, 3)
     for b, n in enumerate([16, 10, 3]):
         frames = idx[b, ::64, 0]
@@ -56,14 +56,14 @@ def test_stage2_distinct_frames_all_patches_row_major():
             assert len(set(frames.tolist())) == 4  # distinct
         else:
             assert set(frames.tolist()) == set(range(n))  # all valid frames, repeated
-    orders = {tuple(np.asarray(sampling.sample_stage2(jax.random.key(s), n_frames, TINY, 4))[0, ::64, 0]) for s in range(20)}
+    orders = {tuple(np.asarray(points.sample_stage2(jax.random.key(s), n_frames, TINY, 4))[0, ::64, 0]) for s in range(20)}
     assert len(orders) > 10 and any(list(o) != sorted(o) for o in orders)  # random, not sorted
 
 
 def test_gather_targets_matches_slicing():
     video = np.random.default_rng(0).integers(0, 256, size=(2, 16, 32, 32, 3), dtype=np.uint8)
-    idx = np.asarray(sampling.sample_stage1(jax.random.key(2), jnp.array([16, 9]), TINY, 50))
-    got = np.asarray(sampling.gather_targets(jnp.asarray(video), jnp.asarray(idx), TINY))
+    idx = np.asarray(points.sample_stage1(jax.random.key(2), jnp.array([16, 9]), TINY, 50))
+    got = np.asarray(points.gather_targets(jnp.asarray(video), jnp.asarray(idx), TINY))
     for b in range(2):
         for k in range(50):
             t, x, y = idx[b, k]
@@ -73,8 +73,8 @@ def test_gather_targets_matches_slicing():
 
 def test_stage2_frames_round_trip():
     video = np.random.default_rng(1).integers(0, 256, size=(1, 16, 32, 32, 3), dtype=np.uint8)
-    idx = sampling.sample_stage2(jax.random.key(3), jnp.array([16]), TINY, 4)
-    frames = np.asarray(frames_from_points(sampling.gather_targets(jnp.asarray(video), idx, TINY), TINY, 4))
+    idx = points.sample_stage2(jax.random.key(3), jnp.array([16]), TINY, 4)
+    frames = np.asarray(frames_from_points(points.gather_targets(jnp.asarray(video), idx, TINY), TINY, 4))
     t = np.asarray(idx)[0, ::64, 0]
     np.testing.assert_allclose(frames, video[0, t] / 255.0 * 2 - 1, atol=1e-6)
 

@@ -253,7 +253,7 @@ def check_official(arrays: Mapping[str, Any], config: Any, source: str = "state_
         if k in arrays and tuple(arrays[k].shape) != want[k]
     ]
     bad_dtype = [
-        f"{k}: {arrays[k].dtype}" for k in want if k in arrays and not _is_float(arrays[k])
+        f"{k}: {arrays[k].dtype}" for k in want if k in arrays and not is_float(arrays[k])
     ]
     if missing or unexpected or wrong or bad_dtype:
         g = validate(config)
@@ -295,7 +295,7 @@ def mismatch_error(header: str, sections, hint: str) -> ConversionError:
     return ConversionError("\n".join(lines))
 
 
-def _is_float(x) -> bool:
+def is_float(x) -> bool:
     dtype = np.dtype(x.dtype)
     return np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16)
 

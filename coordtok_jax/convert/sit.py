@@ -29,7 +29,7 @@ from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.convert.coordtok import (
     ConversionError,
     Entry,
-    _is_float,
+    is_float,
     apply_entries,
     mismatch_error,
     tree_from_entries,
@@ -124,10 +124,10 @@ def check_sit_official(arrays: Mapping[str, Any], model_config: Any, source: str
     unexpected = [k for k in arrays if k not in want]
     ok = [k for k in want if k in arrays]
     wrong = [f"{k}: {tuple(arrays[k].shape)}, expected {want[k]}" for k in ok if tuple(arrays[k].shape) != want[k]]
-    bad_dtype = [f"{k}: {arrays[k].dtype}" for k in ok if not _is_float(arrays[k])]
+    bad_dtype = [f"{k}: {arrays[k].dtype}" for k in ok if not is_float(arrays[k])]
     table = []
     key = "pos_embed_xy"
-    if key in arrays and tuple(arrays[key].shape) == want[key] and _is_float(arrays[key]):
+    if key in arrays and tuple(arrays[key].shape) == want[key] and is_float(arrays[key]):
         x = np.asarray(arrays[key])
         # half-precision files round the table: allow their rounding error (|values| <= 1)
         tol = max(POS_EMBED_TOLERANCE, float(ml_dtypes.finfo(x.dtype).eps)) if x.dtype.itemsize < 4 else POS_EMBED_TOLERANCE
@@ -178,9 +178,9 @@ def read_sit_checkpoint(path) -> dict[str, Any]:
     trainer stores under 'args' (nothing else executable)."""
     import argparse
 
-    from coordtok_jax.convert.torch_io import _import_torch
+    from coordtok_jax.convert.torch_io import import_torch
 
-    torch = _import_torch()
+    torch = import_torch()
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
@@ -195,9 +195,9 @@ def sit_to_torch_state_dict(model) -> dict[str, Any]:
     import jax
     from flax import nnx
 
-    from coordtok_jax.convert.torch_io import _import_torch
+    from coordtok_jax.convert.torch_io import import_torch
 
-    torch = _import_torch()
+    torch = import_torch()
     tree = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(nnx.state(model)))
     return {k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in sit_to_official(tree).items()}
 
@@ -205,9 +205,9 @@ def sit_to_torch_state_dict(model) -> dict[str, Any]:
 def sit_from_torch_state_dict(state_dict: Mapping[str, Any], model_config: Any, which: str = "ema",
                               source: str = "state_dict"):
     """A TriplaneSiT with the weights of an official state_dict or checkpoint dict (strict)."""
-    from coordtok_jax.convert.torch_io import _tensor_to_numpy
+    from coordtok_jax.convert.torch_io import tensor_to_numpy
     from coordtok_jax.models.sit import sit_model_from_params
 
     sd = unwrap_sit_checkpoint(state_dict, which)
-    arrays = {k: _tensor_to_numpy(v, k) for k, v in sd.items()}
+    arrays = {k: tensor_to_numpy(v, k) for k, v in sd.items()}
     return sit_model_from_params(sit_from_official(arrays, model_config, source), model_config)

@@ -26,7 +26,7 @@ from coordtok_jax.models.coordtok import CoordTok
 PathLike = Union[str, os.PathLike, epath.Path]
 
 
-def _import_torch():
+def import_torch():
     try:
         import torch
     except ImportError as e:
@@ -53,11 +53,11 @@ def to_official_numpy(model_or_params) -> dict[str, np.ndarray]:
 def to_torch_state_dict(model: CoordTok) -> dict[str, Any]:
     """The official `CoordTok.state_dict()`: exactly its keys, order, shapes and layouts
     (a CoordTok or its parameter tree; float32 CPU tensors)."""
-    torch = _import_torch()
+    torch = import_torch()
     return {k: torch.from_numpy(v) for k, v in to_official_numpy(model).items()}
 
 
-def _tensor_to_numpy(value, key: str) -> np.ndarray:
+def tensor_to_numpy(value, key: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if hasattr(value, "detach"):  # a torch tensor
@@ -73,7 +73,7 @@ def _tensor_to_numpy(value, key: str) -> np.ndarray:
 def official_numpy(state_dict: Mapping[str, Any], source: str = "state_dict") -> tuple[dict[str, np.ndarray], list[str]]:
     """Unwraps (`['model']`, `module.`, LPIPS keys skipped) and converts tensors to NumPy."""
     stripped, skipped = strip_wrappers(state_dict)
-    return {k: _tensor_to_numpy(v, k) for k, v in stripped.items()}, skipped
+    return {k: tensor_to_numpy(v, k) for k, v in stripped.items()}, skipped
 
 
 def params_from_torch_state_dict(state_dict: Mapping[str, Any], config: Any, source: str = "state_dict") -> dict:
@@ -103,7 +103,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], config: Any) -> CoordTo
 def read_checkpoint(path: PathLike) -> dict[str, Any]:
     """Loads a .pth file as `torch.load(path, map_location='cpu', weights_only=True)` does.
 
-    Without torch installed, the torch-free restricted reader (convert/pth.py) is used; both
+    Without torch installed, the torch-free restricted reader (io/pth.py) is used; both
     refuse pickled code. Errors name the file.
     """
     path = epath.Path(path)
@@ -114,7 +114,7 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     except ImportError:
         torch = None
     if torch is None:
-        from coordtok_jax.convert.pth import load_pth
+        from coordtok_jax.io.pth import load_pth
 
         return load_pth(path)
     try:
@@ -131,7 +131,7 @@ def save_checkpoint(state_dict: Mapping[str, Any], path: PathLike, *, module_pre
     stage-2 trainer (which loads into its DDP model with strict=False) finds them; the official
     SiT trainer / sampler / README strip it.
     """
-    torch = _import_torch()
+    torch = import_torch()
     model = {(f"module.{k}" if module_prefix else k): v for k, v in state_dict.items()}
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

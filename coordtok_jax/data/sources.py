@@ -39,12 +39,12 @@ class SyntheticSource:
     """Procedural clips, deterministic per (seed, index) (data/synthetic.py)."""
 
     def __init__(self, shape, num_clips: int, seed: int, min_frames: Optional[int] = None, short_fraction: float = 0.25,
-                 texture: float = 1.0, motion: float = 1.0):
+                 texture: float = 1.0, motion: float = 1.0, max_shapes: int = 3):
         if num_clips <= 0:
             raise DataError(f"synthetic: config.data.num_clips must be positive, got {num_clips}")
         self.shape, self.num_clips, self.seed = tuple(shape), int(num_clips), int(seed)
         self.min_frames, self.short_fraction, self.texture = min_frames, short_fraction, float(texture)
-        self.motion = float(motion)
+        self.motion, self.max_shapes = float(motion), int(max_shapes)
         self.name = f"synthetic(seed={seed}, {num_clips} clips)"
 
     def __len__(self):
@@ -57,7 +57,7 @@ class SyntheticSource:
         del rng  # deterministic per index
         video, n = synthetic_clip(self.seed, i, self.shape, min_frames=self.min_frames,
                                   short_fraction=self.short_fraction, texture=self.texture,
-                                  motion=self.motion)
+                                  motion=self.motion, max_shapes=self.max_shapes)
         return {"video": video, "n_frames": n, "label": -1}
 
 
@@ -144,7 +144,7 @@ class ArrayRecordSource:
         try:
             meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{meta_path} is not valid JSON ({e}); re-run coordtok_jax.data.prepare") from e
+            raise DataError(f"{meta_path} is not valid JSON ({e}); re-run coordtok_jax.prepare") from e
         self.classes = meta.get("classes", [])
         self.name = f"array_record({path!r}, {len(self.paths)} shards, {self._len} clips)"
         if meta.get("height") and meta.get("width"):
@@ -217,7 +217,8 @@ def make_source(data, shape, *, train: bool = True):
         seed = data.get("synthetic_seed", 0) + (0 if train else 1)
         return SyntheticSource(shape, data.num_clips, seed, data.get("min_frames"),
                                texture=data.get("synthetic_texture", 1.0),
-                               motion=data.get("synthetic_motion", 1.0))
+                               motion=data.get("synthetic_motion", 1.0),
+                               max_shapes=data.get("synthetic_max_shapes", 3))
     if kind == "folder":
         return FolderSource(data.root, shape, None if train else data.get("eval_list"))
     if kind == "array_record":

@@ -20,6 +20,7 @@ def synthetic_clip(
     short_fraction: float = 0.25,
     texture: float = 1.0,
     motion: float = 1.0,
+    max_shapes: int = 3,
 ) -> tuple[np.ndarray, int]:
     """Returns (frames uint8 (T, H, W, 3), n_frames).
 
@@ -27,10 +28,13 @@ def synthetic_clip(
     data; 0: flat backgrounds and flat shapes; the clip's layout and motion do not change).
     `motion` scales the background's pan and the shapes' velocities and spin (1: the default data;
     0: a still picture; the layout, colours and textures do not change).
+    `max_shapes`: each clip has 1 .. max_shapes shapes (3: the default data).
     """
     T, H, W = (int(s) for s in shape)
     if min(T, H, W) <= 0:
         raise ValueError(f"shape must be three positive ints (T, H, W), got {shape}")
+    if max_shapes < 1:
+        raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
     rng = np.random.default_rng([int(seed), int(index)])
     t = np.arange(T, dtype=np.float32)[:, None, None]
     xs = np.arange(H, dtype=np.float32)[None, :, None] / H  # row coordinate in [0, 1)
@@ -50,7 +54,7 @@ def synthetic_clip(
     video += texture * 0.08 * (checker - 0.5)
 
     # Shapes: discs, rotating squares and rings, moving and bouncing at varied speeds.
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(1, max_shapes + 1)):
         kind = rng.integers(0, 3)
         size = rng.uniform(0.08, 0.25)
         pos = rng.uniform(size, 1 - size, size=2)

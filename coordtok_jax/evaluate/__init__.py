@@ -1,1 +1,2 @@
-"""Evaluation: metrics (PSNR, SSIM, LPIPS), I3D features and FVD, CLIs."""
+"""Evaluating a trained tokenizer: the paper's protocol over a dataset (run; `python -m
+coordtok_jax.evaluate`) and reconstructing one video file (reconstruct)."""

@@ -30,17 +30,20 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
+from ml_collections import config_flags
 from tqdm import tqdm
 
+from coordtok_jax import cli
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.pipeline import distinct_count, make_sampled_dataset
 from coordtok_jax.data.video import to_model_input
-from coordtok_jax.evaluate.fvd import FeatureStats, fvd
-from coordtok_jax.evaluate.loading import load_tokenizer
-from coordtok_jax.evaluate.metrics import frames_in_unit_range, valid_frames, video_metrics
+from coordtok_jax.metrics.fvd import FeatureStats, fvd
+from coordtok_jax.io.runs import load_tokenizer
+from coordtok_jax.metrics.quality import frames_in_unit_range, valid_frames, video_metrics
 from coordtok_jax.models.decode_video import decode_video
 
 METRICS = ("psnr", "ssim", "lpips")
@@ -62,7 +65,7 @@ def _pad_batch(batch: dict, size: int) -> tuple[dict, np.ndarray]:
 def make_eval_step(graphdef, geometry, *, mode: str, points_per_call: Optional[int], pad_value: float,
                    lpips_graphdef=None, i3d_graphdef=None):
     """jit-able (params, lpips_state, i3d_state, video uint8, n_frames) -> per-video metrics."""
-    from coordtok_jax.evaluate.i3d import preprocess
+    from coordtok_jax.metrics.i3d import preprocess
 
     T = geometry.video_shape[0]
 
@@ -116,7 +119,7 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
     lpips_graphdef = lpips_state = None
     vgg, lin = config.get("lpips", {}).get("vgg_path"), config.get("lpips", {}).get("lin_path")
     if vgg and lin:
-        from coordtok_jax.models.lpips import load_lpips
+        from coordtok_jax.metrics.lpips import load_lpips
 
         lpips_graphdef, lpips_state = nnx.split(load_lpips(vgg, lin))
         lpips_state = jax.device_put(lpips_state, replicated)
@@ -124,7 +127,7 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
         notes.append("LPIPS skipped: set config.lpips.vgg_path and config.lpips.lin_path")
     i3d_graphdef = i3d_state = None
     if i3d_path:
-        from coordtok_jax.evaluate.i3d import MIN_FRAMES, load_i3d
+        from coordtok_jax.metrics.i3d import MIN_FRAMES, load_i3d
 
         if T < MIN_FRAMES:
             raise ValueError(f"I3D needs clips of at least {MIN_FRAMES} frames, this model's are {T}")
@@ -217,3 +220,39 @@ def write_results(results: dict, directory: str) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / f"eval_{results['step']}.json").write_text(json.dumps(results, indent=2))
     (d / f"eval_{results['step']}.md").write_text(markdown(results))
+
+
+# The command line: python -m coordtok_jax.evaluate (console script coordtok-evaluate).
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("workdir", None, "Run (or torch-import) directory holding checkpoints/.")
+    config_flags.DEFINE_config_file("config", None, "Data / LPIPS / mesh config (default: the checkpoint's).",
+                                    lock_config=False)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_integer("num_videos", 10_000, "Random clips to evaluate (the paper: 10,000).")
+    flags.DEFINE_string("i3d", None, "I3D weights (i3d_pretrained_400.pt) for rFVD; skipped without.")
+    flags.DEFINE_enum("mode", "all", ["all", "chunks", "official"],
+                      "all: every patch in one joint pass (the paper's protocol, the default); chunks: contiguous "
+                      "chunks of --points_per_call, remainder decoded; official: the official decode_video's "
+                      "slicing exactly (equal chunks, remainder and a partial temporal patch left at zero).")
+    flags.DEFINE_integer("points_per_call", None, "Chunk size for --mode=chunks and --mode=official (default: config.num_points).")
+    flags.DEFINE_integer("batch", 0, "Clips per step over all devices (default: one per device).")
+    flags.DEFINE_integer("seed", 0, "Seed of the clip draw.")
+    flags.DEFINE_string("attention", None, "Override config.model.attention_impl (e.g. chunked on CPU, cudnn).")
+    flags.DEFINE_string("output_dir", None, "Where to write eval_STEP.json/.md (default: --workdir).")
+
+
+def main(argv):
+    results = evaluate(FLAGS.workdir, config=FLAGS.config, step=FLAGS.step, num_videos=FLAGS.num_videos,
+                       batch=FLAGS.batch, mode=FLAGS.mode, points_per_call=FLAGS.points_per_call,
+                       i3d_path=FLAGS.i3d, seed=FLAGS.seed, attention_impl=FLAGS.attention,
+                       output_dir=FLAGS.output_dir)
+    print(markdown(results))
+    print(f"wrote {FLAGS.output_dir or FLAGS.workdir}/eval_{results['step']}.json")
+
+
+def run():
+    cli.run(__name__, define_flags, main, errors=(ValueError,), required=("workdir",))

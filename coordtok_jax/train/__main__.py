@@ -1,11 +1,9 @@
-r"""Train CoordTok: python -m coordtok_jax.train --config=configs/coordtok.py:SIZE[,stage=N] --workdir=DIR
+"""Train CoordTok (the tokenizer): `python -m coordtok_jax.train` (console script coordtok-train).
 
-Re-running the same command on the same workdir resumes from its latest checkpoint; see
-coordtok_jax/train/trainer.py.
+The tool lives in coordtok_jax/train/trainer.py; its --help shows that module's documentation.
 """
 
-from coordtok_jax import entry
-from coordtok_jax.train import trainer
+from coordtok_jax.train.trainer import run
 
 if __name__ == "__main__":
-    entry.run(trainer.__name__, trainer.define_flags, trainer.main)
+    run()

@@ -35,7 +35,7 @@ from etils import epath
 from coordtok_jax.data.pipeline import distinct_count
 from coordtok_jax.errors import UserError
 from coordtok_jax.models import ConfigError
-from coordtok_jax.train.checkpoint import Checkpointer, is_params_only, resolve_step
+from coordtok_jax.io.checkpoint import Checkpointer, is_params_only, resolve_step
 from coordtok_jax.train.state import StatePlan
 
 
@@ -77,7 +77,7 @@ def prepared_workdir(workdir, config) -> Iterator[tuple[epath.Path, bool]]:
     resume whose config changes what the checkpoint holds (every process); takes the workdir lock
     and writes config.json atomically (process 0). The lock is released when the block exits, by
     any path (finished run, error, signal)."""
-    from coordtok_jax.train.checkpoint import config_to_json
+    from coordtok_jax.io.checkpoint import config_to_json
     from coordtok_jax.remote import check_reachable
     from coordtok_jax.train.workdir import Lock, WorkdirError, check_config, write_text_atomic
 

@@ -23,7 +23,7 @@ from coordtok_jax.data.video import to_model_input
 from coordtok_jax.models import validate
 from coordtok_jax.models.patches import indices_to_coords
 from coordtok_jax.train import flops as flops_lib
-from coordtok_jax.train import sampling
+from coordtok_jax.train import points as points_lib
 from coordtok_jax.train.aot import Program
 from coordtok_jax.train.state import StatePlan, TrainState, learning_rate
 
@@ -55,11 +55,11 @@ def make_loss_fn(graphdef, geometry, config, lpips_graphdef=None):
     def loss_fn(params, video, n_frames, key, lpips_state=None):
         k_coords, k_drop = jax.random.split(key)
         if stage == 1:
-            idx = sampling.sample_stage1(k_coords, n_frames, geometry, config.num_points)
+            idx = points_lib.sample_stage1(k_coords, n_frames, geometry, config.num_points)
         else:
-            idx = sampling.sample_stage2(k_coords, n_frames, geometry, config.num_frames)
+            idx = points_lib.sample_stage2(k_coords, n_frames, geometry, config.num_frames)
         coords = indices_to_coords(idx, geometry.dec_grid)
-        targets = points(sampling.gather_targets(video, idx, geometry))
+        targets = points(points_lib.gather_targets(video, idx, geometry))
         model = nnx.merge(graphdef, params)
         pred = points(model(to_model_input(video, n_frames, config.data.pad_value), n_frames, coords))
         l2 = jnp.mean((pred - targets) ** 2, axis=(1, 2))

@@ -22,22 +22,22 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from coordtok_jax import entry
+from coordtok_jax import cli
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.pipeline import ClipLoader, make_dataset
 from coordtok_jax.data.sources import make_source
 from coordtok_jax.data.video import to_model_input
-from coordtok_jax.evaluate.metrics import video_psnr
+from coordtok_jax.metrics.quality import video_psnr
 from coordtok_jax.models import ConfigError, validate
 from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.train import aot
 from coordtok_jax.train import flops as flops_lib
 from coordtok_jax.train import loop
-from coordtok_jax.train.checkpoint import restore_params
+from coordtok_jax.io.checkpoint import restore_params
 from coordtok_jax.train.state import make_optimizer, tokenizer_state
 from coordtok_jax.train.step import step_program
 
@@ -118,7 +118,7 @@ def load_lpips_network(config, abstract: bool = False):
     shapes only (for compiling without the weight files)."""
     if not (config.stage == 2 and config.lpips_weight > 0):
         return None
-    from coordtok_jax.models.lpips import LPIPS, load_lpips
+    from coordtok_jax.metrics.lpips import LPIPS, load_lpips
 
     if abstract:  # random weights of the right shapes (60 MB on the host), kept as shapes only
         graphdef, state = nnx.split(LPIPS.random(jax.random.key(0)))
@@ -260,14 +260,8 @@ def where_to_look(workdir, summary: dict, config) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required (see --help)")
-    if not FLAGS["verbosity"].present:  # keep the progress bar readable (Orbax logs every save at INFO)
-        logging.set_verbosity(logging.WARNING)
     train(FLAGS.config, FLAGS.workdir)
 
 
 def run():
-    entry.run(__name__, define_flags, main)
+    cli.run(__name__, define_flags, main, required=("config", "workdir"), log_level="warning")

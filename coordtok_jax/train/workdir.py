@@ -85,7 +85,7 @@ def check_config(workdir: epath.Path, requested: dict, has_checkpoint: bool) -> 
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WorkdirError(f"{path} is not valid JSON ({e}); it records the run's config: restore it or use "
                            "another --workdir") from e
-    from coordtok_jax.train.checkpoint import KINDS, run_kind
+    from coordtok_jax.io.checkpoint import KINDS, run_kind
 
     if run_kind(saved) != run_kind(requested):  # a tokenizer run on a SiT workdir or the reverse
         raise WorkdirError(f"{workdir} holds {KINDS[run_kind(saved)][0]}; this command trains "

@@ -256,7 +256,7 @@ def i3d_from_state_dict(state_dict: Mapping[str, Any], *, precision=DEFAULT_PREC
     Strict: raises ValueError listing every missing, unexpected and wrongly shaped key.
     """
     sd = {k: v for k, v in _unwrap(state_dict).items() if not k.endswith(".num_batches_tracked")}
-    from coordtok_jax.models.lpips import check_state_dict
+    from coordtok_jax.metrics.lpips import check_state_dict
 
     check_state_dict(sd, expected_shapes(), "I3D (InceptionI3d(400))")
     model = InceptionI3d(rngs=None, precision=precision)
@@ -290,7 +290,7 @@ def load_i3d(path, *, precision=DEFAULT_PRECISION) -> InceptionI3d:
     """InceptionI3d from `i3d_pretrained_400.pt` (or any .pt/.pth/.npz with that state_dict).
 
     .pt/.pth: `torch.load(map_location='cpu', weights_only=True)` when torch is importable, else the
-    torch-free `coordtok_jax.convert.pth.load_pth`. Local and gs:// paths. Errors name the file.
+    torch-free `coordtok_jax.io.pth.load_pth`. Local and gs:// paths. Errors name the file.
     """
     from etils import epath
 
@@ -312,7 +312,7 @@ def load_i3d(path, *, precision=DEFAULT_PRECISION) -> InceptionI3d:
             if torch is not None:
                 sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             else:
-                from coordtok_jax.convert.pth import load_pth
+                from coordtok_jax.io.pth import load_pth
                 sd = load_pth(path)
         return i3d_from_state_dict(sd, precision=precision)
     except Exception as e:  # noqa: BLE001 -- re-raised naming the file

@@ -3,7 +3,7 @@
 Weights exported by `python -m coordtok_jax.convert torch-export` (or the released
 `CoordTok_UCF101_1M_50K.pth`) run here without the official repository or timm:
 
-    from coordtok_jax.torch_model import CoordTok, load_official_checkpoint
+    from coordtok_jax.convert.torch.coordtok import CoordTok, load_official_checkpoint
     model = CoordTok(**RELEASED)                      # the released L configuration
     load_official_checkpoint(model, "model.pth")      # strict; `module.`/LPIPS keys handled
     planes = model.encode(video, n_frames)            # video (B, T, H, W, 3) in [-1, 1]

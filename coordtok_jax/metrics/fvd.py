@@ -1,7 +1,7 @@
 """Fréchet Video Distance: feature statistics and the Fréchet distance, torch- and scipy-free.
 
 FVD = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b)) between Gaussians fitted (mean, unbiased
-covariance) to I3D Kinetics-400 logits of two sets of clips (`coordtok_jax.evaluate.i3d`). Everything
+covariance) to I3D Kinetics-400 logits of two sets of clips (`coordtok_jax.metrics.i3d`). Everything
 here is float64 NumPy; the matrix square root is computed through symmetric eigendecompositions
 instead of scipy.linalg.sqrtm (same value for PSD covariances, no complex round-off).
 
@@ -191,7 +191,7 @@ def compute_stats(video_batches: Iterable, model, *, num_clips: Optional[int] = 
     """
     from tqdm.auto import tqdm
 
-    from coordtok_jax.evaluate.i3d import i3d_features
+    from coordtok_jax.metrics.i3d import i3d_features
 
     stats = FeatureStats() if stats is None else stats
     done = 0

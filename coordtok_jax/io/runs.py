@@ -22,7 +22,7 @@ from flax import nnx
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.models import validate
 from coordtok_jax.models.coordtok import CoordTok
-from coordtok_jax.train.checkpoint import read_config, require_kind, resolve_step, restore_params
+from coordtok_jax.io.checkpoint import read_config, require_kind, resolve_step, restore_params
 
 
 def abstract_params(model_config, sharding: Optional[jax.sharding.Sharding] = None, *, mesh=None, rules=None):

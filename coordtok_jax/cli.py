@@ -1,9 +1,15 @@
 """The one way every command-line tool starts, as `python -m ...` or as a console script.
 
-absl's --help shows the main module's docstring and key flags. A console script's main module
-is pip's wrapper (no docstring, no flags), so without this `coordtok-sample --help` would list
-nothing. `run` defines the tool's flags, makes them key flags of whatever module is main, lends
-the tool's docstring to a main module that has none, and runs `main`; an error the user can fix
+The convention: every tool is `python -m coordtok_jax.TOOL` and the console script
+`coordtok-TOOL` (setup.py). Both call the `run()` of the module that holds the tool (`run()` is
+one line: `cli.run(__name__, define_flags, main, errors)`), reached through an entry module that
+only imports it: `coordtok_jax/TOOL.py` (reconstruct, train_sit, sample, encode_latents, prepare;
+compile and demo hold their tool themselves) or a package's `__main__.py` (train, evaluate,
+convert).
+
+absl's --help shows the main module's docstring and key flags. The main module is the entry
+module or pip's wrapper (no flags), so `run` defines the tool's flags, makes them key flags of
+whatever module is main, lends it the tool's docstring, and runs `main`; an error the user can fix
 (`UserError`, a missing or existing file, or the tool's own `errors`) is printed as `error: ...`
 and the exit status is 2, not a traceback. Flags are absl's underscore names; the dashed spelling
 of any of them (`--num-videos`) is accepted as an alias. `--help` exits 0; a flag or config
@@ -16,26 +22,39 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from coordtok_jax.errors import UserError
 
 
-def run(module_name: str, define_flags: Callable[[], None], main: Callable,
-        errors: Sequence[type] = ()) -> None:
+def run(module_name: str, define_flags: Callable[[], None], main: Callable, errors: Sequence[type] = (), *,
+        required: Sequence[str] = (), positional: bool = False, hint: str = "", log_level: str = "error") -> None:
     """Entry point of the tool whose flags `define_flags` defines in module `module_name`;
-    `errors`: further exception types whose message is the whole story (e.g. ValueError)."""
+    `errors`: further exception types whose message is the whole story (e.g. ValueError).
+
+    The preamble every tool shares, before `main(argv)`: the flags in `required` must be given
+    ("--a and --b are required{hint} (see --help)"), positional arguments are refused unless
+    `positional`, and absl logging shows `log_level` and above (Orbax logs every save at INFO;
+    trainers keep their warnings) unless --verbosity is given."""
     define_flags()
     module = sys.modules[module_name]
     defined_in = sys.argv[0] if module_name == "__main__" else module_name
     for flag in flags.FLAGS.get_flags_for_module(defined_in):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     main_module = sys.modules.get("__main__")
-    if main_module is not None and not main_module.__doc__ and module.__doc__:
-        main_module.__doc__ = module.__doc__
+    if main_module is not None and main_module is not module and module.__doc__:
+        main_module.__doc__ = module.__doc__  # --help documents the tool, not its entry module
     reported = (UserError, FileNotFoundError, FileExistsError, *errors)
 
     def main_reporting_errors(argv):
+        if len(argv) > 1 and not positional:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        missing = [f"--{name}" for name in required if flags.FLAGS[name].value in (None, "")]
+        if missing:
+            raise app.UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required{hint} "
+                                 "(see --help)")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(log_level)
         try:
             return main(argv)
         except reported as e:

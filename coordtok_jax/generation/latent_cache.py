@@ -1,6 +1,6 @@
 """The latent cache: a frozen tokenizer's triplanes of many clips in ArrayRecord shards.
 
-Written by `python -m coordtok_jax.data.encode_latents`, read by `train_sit` with
+Written by `python -m coordtok_jax.encode_latents`, read by `train_sit` with
 `--config.latents=DIR` (the SiT then trains without running the tokenizer).
 
 Layout of DIR:

@@ -1,6 +1,6 @@
 r"""Pre-decode clips into ArrayRecord shards (the fast input path for TPU VMs).
 
-    python -m coordtok_jax.data.prepare --source=folder --input=UCF-101/ --output=gs://bucket/ucf101_128 \
+    python -m coordtok_jax.prepare --source=folder --input=UCF-101/ --output=gs://bucket/ucf101_128 \
         --num_shards=64 [--height=128 --width=128] [--workers=8]
 
 Each video of the UCF-101-style tree INPUT/class/*.avi|mp4|... is decoded with PyAV, every frame
@@ -25,10 +25,10 @@ import shutil
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 
-from coordtok_jax import entry
+from coordtok_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -135,17 +135,9 @@ def prepare(source: str, input_dir, output: str, num_shards: int, height: int, w
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.output:
-        raise app.UsageError("--output is required")
     prepare(FLAGS.source, FLAGS.input, FLAGS.output, FLAGS.num_shards, FLAGS.height, FLAGS.width,
             FLAGS.workers, FLAGS.num_clips, FLAGS.frames, FLAGS.overwrite)
 
 
 def run():
-    entry.run(__name__, define_flags, main, errors=(ValueError, RuntimeError))
-
-
-if __name__ == "__main__":
-    run()
+    cli.run(__name__, define_flags, main, errors=(ValueError, RuntimeError), required=("output",))

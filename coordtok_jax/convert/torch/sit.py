@@ -1,6 +1,6 @@
 """A self-contained PyTorch triplane SiT (needs only torch) with the official state_dict keys.
 
-    from coordtok_jax.torch_sit import TriplaneSiT, load_official_checkpoint
+    from coordtok_jax.convert.torch.sit import TriplaneSiT, load_official_checkpoint
     model = TriplaneSiT(**SIT_L2)                        # the released SiT-L/2
     load_official_checkpoint(model, "0600000.pt")       # ckpt['ema'] as find_model, strict
     v = model(planes, t, y)                              # planes channel-last, t (B,) in [0, 1]

@@ -1,6 +1,6 @@
 r"""Encode clips once with a frozen tokenizer into a latent cache for SiT training.
 
-    python -m coordtok_jax.data.encode_latents --config=configs/sit.py:L/2 \
+    python -m coordtok_jax.encode_latents --config=configs/sit.py:L/2 \
         --config.tokenizer=TOKENIZER_WORKDIR --output=gs://BUCKET/ucf101_latents [--passes=4] \
         [--num_clips=N] [--num_shards=S] [--batch=B] [--overwrite]
 
@@ -15,7 +15,7 @@ How: the tokenizer is replicated, each global batch of B clips is split over all
 hosts (data parallel), and host h writes shards h*S/P .. (h+1)*S/P - 1 of the S shards (clips are
 dealt to shards in contiguous ranges). Shards appear under their final names only when whole
 (data/shards.py); rerunning the same command after a crash or preemption skips the finished
-shards and encodes the rest. Format and layout: data/latents.py.
+shards and encodes the rest. Format and layout: generation/latent_cache.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import time
 from typing import Optional
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
-from coordtok_jax import entry
+from coordtok_jax import cli
 
 FLAGS = flags.FLAGS
 CLIPS_PER_SHARD = 1024  # default shard size
@@ -66,8 +66,8 @@ class _LoadClip:
 
 
 def _spec(config, geometry, tok_step, source, num_clips, num_shards) -> dict:
-    from coordtok_jax.data.latents import DATA_IO_KEYS, FORMAT
-    from coordtok_jax.train.checkpoint import config_to_json
+    from coordtok_jax.generation.latent_cache import DATA_IO_KEYS, FORMAT
+    from coordtok_jax.io.checkpoint import config_to_json
 
     data = {k: v for k, v in config_to_json(config.data).items() if k not in DATA_IO_KEYS}  # what, not how
     return dict(format=FORMAT, tokenizer=str(config.tokenizer), tokenizer_step=int(tok_step),
@@ -103,13 +103,13 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
     import grain
 
     from coordtok_jax import sharding as sharding_lib
-    from coordtok_jax.data import latents
+    from coordtok_jax.generation import latent_cache
     from coordtok_jax.data.pipeline import batched
     from coordtok_jax.data.shards import ShardWriter, staging_dir
     from coordtok_jax.data.sources import make_source
     from coordtok_jax.models import ConfigError
     from coordtok_jax.train.trainer import maybe_initialize_distributed
-    from coordtok_jax.train_sit import frozen_tokenizer
+    from coordtok_jax.generation.frozen_tokenizer import frozen_tokenizer
 
     # --- processes, mesh, frozen tokenizer -------------------------------------------------
     maybe_initialize_distributed(config.get("distributed", "auto"))
@@ -153,7 +153,7 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
     bounds = np.linspace(0, total, num_shards + 1).round().astype(np.int64)
     per_host = num_shards // n_proc
     mine = range(host * per_host, (host + 1) * per_host)
-    pending = [s for s in mine if not (out / latents.shard_name(s, num_shards)).exists()]
+    pending = [s for s in mine if not (out / latent_cache.shard_name(s, num_shards)).exists()]
     clips = np.concatenate([np.arange(bounds[s], bounds[s + 1]) for s in pending] or [np.zeros(0, np.int64)])
     shard_of = np.searchsorted(bounds, clips, side="right") - 1
     counts = multihost_utils.process_allgather(np.asarray([len(clips), -(-len(clips) // local_batch)]))
@@ -183,8 +183,8 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
             k = int(local["clip"][i])
             s = int(shard_of[offset + i])
             if s not in writers:
-                writers[s] = ShardWriter(out, latents.shard_name(s, num_shards), staging)
-            writers[s].write(latents.encode_planes([z[i] for z in planes], int(local["label"][i]), k))
+                writers[s] = ShardWriter(out, latent_cache.shard_name(s, num_shards), staging)
+            writers[s].write(latent_cache.encode_planes([z[i] for z in planes], int(local["label"][i]), k))
             written += 1
             left[s] -= 1
             if left[s] == 0:
@@ -237,20 +237,9 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or not FLAGS.output:
-        raise app.UsageError("--config and --output are required (see --help)")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-
     encode_latents(FLAGS.config, FLAGS.output, passes=FLAGS.passes, num_clips=FLAGS.num_clips,
                    num_shards=FLAGS.num_shards, batch_size=FLAGS.batch, overwrite=FLAGS.overwrite)
 
 
 def run():
-    entry.run(__name__, define_flags, main, errors=(ValueError,))
-
-
-if __name__ == "__main__":
-    run()
+    cli.run(__name__, define_flags, main, errors=(ValueError,), required=("config", "output"), log_level="warning")

@@ -25,11 +25,11 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from coordtok_jax import entry
+from coordtok_jax import cli
 from coordtok_jax.convert.coordtok import from_official
 from coordtok_jax.convert.torch_io import (
     official_numpy,
@@ -38,8 +38,8 @@ from coordtok_jax.convert.torch_io import (
     to_torch_state_dict,
 )
 from coordtok_jax.models import validate
-from coordtok_jax.evaluate.loading import abstract_params
-from coordtok_jax.train.checkpoint import (config_to_json, read_config, require_kind, resolve_step, restore_params,
+from coordtok_jax.io.runs import abstract_params
+from coordtok_jax.io.checkpoint import (config_to_json, read_config, require_kind, resolve_step, restore_params,
                                            save_params)
 from coordtok_jax.train.workdir import write_text_atomic
 
@@ -100,11 +100,11 @@ def sit_export(workdir: str, output: str, step=None, *, overwrite: bool = False)
     official sampler reads 'ema' only), and beside it OUTPUT.latent_stats.json, the latent mean/std
     (3 planes x C) that sampling needs and no official checkpoint holds (what sit-import reads back)."""
     from coordtok_jax.convert.sit import sit_to_official
-    from coordtok_jax.convert.torch_io import _import_torch
-    from coordtok_jax.train.checkpoint import restore_partial
+    from coordtok_jax.convert.torch_io import import_torch
+    from coordtok_jax.io.checkpoint import restore_partial
     from coordtok_jax.models.sit import split_sit
 
-    torch = _import_torch()
+    torch = import_torch()
     out = epath.Path(output)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--output={output} exists; pass --overwrite to replace it")
@@ -135,7 +135,7 @@ def sit_import(checkpoint: str, config, workdir: str, latent_stats: str, *, over
     """An official SiT .pth ('model' and 'ema') + latent stats -> WORKDIR/checkpoints/0 that
     `python -m coordtok_jax.sample` reads (params, ema, latent_mean, latent_std)."""
     from coordtok_jax.convert.sit import read_sit_checkpoint, sit_from_official, unwrap_sit_checkpoint
-    from coordtok_jax.convert.torch_io import _tensor_to_numpy
+    from coordtok_jax.convert.torch_io import tensor_to_numpy
     from coordtok_jax.diffusion.latent_stats import load_stats
     from coordtok_jax.models.sit import validate_sit
 
@@ -155,7 +155,7 @@ def sit_import(checkpoint: str, config, workdir: str, latent_stats: str, *, over
     trees = {}
     for part in ("model", "ema"):
         sd = unwrap_sit_checkpoint(raw, part)
-        arrays = {k: _tensor_to_numpy(v, k) for k, v in sd.items()}
+        arrays = {k: tensor_to_numpy(v, k) for k, v in sd.items()}
         tree = sit_from_official(arrays, config.model, source=f"{checkpoint}[{part!r}]")
         tree.pop("pos_embed_xy", None)  # a fixed buffer, recomputed by the model
         trees[part] = jax.tree.map(jax.numpy.asarray, tree)
@@ -171,8 +171,6 @@ def sit_import(checkpoint: str, config, workdir: str, latent_stats: str, *, over
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"give one command, {' or '.join(COMMANDS)} (see --help); got {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only managers
     command = argv[1]
     t0 = time.perf_counter()
     if command == "torch-export":
@@ -205,4 +203,4 @@ def main(argv):
 
 
 def run():
-    entry.run(__name__, define_flags, main, errors=(ImportError, ValueError))
+    cli.run(__name__, define_flags, main, errors=(ImportError, ValueError), positional=True)
