@@ -1,7 +1,8 @@
 r"""JAX vs the self-contained PyTorch CoordTok, side by side in one process: same config, same
 weights (converted), same batch.
 
-    python benchmarks/torch_vs_jax.py [--sizes=tiny,medium] [--steps=5] [--decode_batch=1]
+    python benchmarks/torch_vs_jax.py [--sizes=tiny,medium] [--steps=5] [--decode_batch=1] \
+        [--variants=default,jax_nn+scan]
 
 Rows per config:
 * train step (stage 1): sample `num_points` patch coordinates per video, gather their targets
@@ -13,6 +14,11 @@ Rows per config:
 `medium` is the S model (width 384, 8/12/12 layers) on 32x64x64 clips, as in train_step.py.
 Medians over --steps timed calls after a warm-up call (which includes JAX compilation, reported
 separately). Both frameworks use all CPU cores (torch.get_num_threads() is printed).
+
+`--variants` times JAX variants of the same model side by side against the one PyTorch measurement:
+`default` (the model as configured), `jax_nn` (attention through jax.nn.dot_product_attention's XLA
+implementation instead of models/layers.py plain_attention), `scan` (layer stacks scanned one
+layer per iteration, scan_unroll=1), `unroll` (stacks fully unrolled); combine with '+'.
 """
 
 from __future__ import annotations
@@ -30,6 +36,26 @@ _SIZES = flags.DEFINE_list("sizes", ["tiny", "medium"], "Configs: tiny, medium, 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per measurement after one warm-up call.")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Videos per encode / full-video decode call.")
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch model: cpu or cuda.")
+_VARIANTS = flags.DEFINE_list("variants", ["default"], "JAX variants: default, jax_nn, scan, unroll, combined with +.")
+
+
+def apply_variant(config, variant: str, plain):
+    """Sets the config fields of a variant; returns the attention function to use (`plain`: the model's)."""
+    import jax
+
+    parts = set(variant.split("+")) - {"default"}
+    unknown = parts - {"jax_nn", "scan", "unroll"}
+    if unknown:
+        raise app.UsageError(f"--variants: unknown {sorted(unknown)}; known: default, jax_nn, scan, unroll")
+    with config.unlocked():
+        if "scan" in parts:
+            config.model.scan_unroll = 1
+        if "unroll" in parts:
+            config.model.scan_unroll = 64
+    if "jax_nn" in parts:
+        return lambda q, k, v, *, bias=None, mask=None, scale: jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+    return plain
 
 
 def make_config(name):
@@ -114,70 +140,74 @@ def main(argv):
     tdev = torch.device(_TORCH_DEVICE.value)
     print(f"jax {jax.__version__} on {dev.platform} {getattr(dev, 'device_kind', '')} ({os.cpu_count()} cores) | "
           f"torch {torch.__version__} on {tdev}, {torch.get_num_threads()} threads | float32")
-    print("| config | what | batch | JAX first call s | JAX ms | PyTorch first call s | PyTorch ms | PyTorch / JAX |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| config | JAX variant | what | batch | JAX first call s | JAX ms | PyTorch first call s | PyTorch ms | "
+          "PyTorch / JAX |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    from coordtok_jax.models import layers
+
+    plain = layers.plain_attention
     for name in _SIZES.value:
-        config = make_config(name)
-        g = validate(config.model)
+        base = make_config(name)
+        g = validate(base.model)
         T, H, W = g.video_shape
         mesh = sharding_lib.make_mesh((1, 1), ("data", "fsdp"), devices=[dev])
-        tx = make_optimizer(config)
-        plan = tokenizer_state(config, mesh, tx)
-        graphdef, state = plan.graphdef, plan.create()
-        model = nnx.merge(graphdef, state.params)
-        kwargs = {k: config.model[k] for k in list(torch_model.RELEASED) + ["mlp_ratio", "padding_mask"]}
-        tmodel = torch_model.CoordTok(**kwargs)
-        tmodel.load_state_dict(to_torch_state_dict(model), strict=True)
-        tmodel.to(tdev)
-
         rng = np.random.default_rng(0)
-        b = config.batch_size
+        b = base.batch_size
         video_u8 = rng.integers(0, 256, size=(b, T, H, W, 3), dtype=np.uint8)
         n_frames = np.full((b,), T, np.int32)
-
-        def row(what, batch, jax_t, torch_t):
-            (jf, jm), (tf, tm) = jax_t, torch_t
-            print(f"| {name} | {what} | {batch} | {jf:.1f} | {jm * 1e3:.1f} | {tf:.1f} | {tm * 1e3:.1f} | "
-                  f"{tm / jm:.2f} |", flush=True)
-
-        # --- train step ---
-        step = jax.jit(make_train_step(graphdef, g, config, tx), donate_argnums=0)
-        batch = jax.device_put({"video": video_u8, "n_frames": n_frames}, dev)
-        holder = {"state": state}
-
-        def jax_step():
-            holder["state"], m = step(holder["state"], batch)
-            jax.block_until_ready(m)
-
-        tmodel.train()
-        o = config.optimizer
-        opt = torch.optim.AdamW(tmodel.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
-                                weight_decay=o.weight_decay)
-        tv, tn = torch.from_numpy(video_u8).to(tdev), torch.from_numpy(n_frames.astype(np.int64)).to(tdev)
-        row("train step", b, timed(jax_step, _STEPS.value),
-            timed(lambda: torch_train_step(tmodel, opt, tv, tn, config.num_points, g), _STEPS.value))
-
-        # --- encode and full-video decode (fresh weights from the same state) ---
-        params = holder["state"].params
-        model = nnx.merge(graphdef, params)
-        tmodel.load_state_dict(to_torch_state_dict(model), strict=True)
-        tmodel.eval()
         db = _DECODE_BATCH.value
         clip = jnp.asarray(to_model_input(video_u8[:db], n_frames[:db]))
-        # functional jax.jit over the parameters (nnx.jit re-walks the module graph every call)
-        encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v))
-        decode = jax.jit(lambda p, z: decode_video(nnx.merge(graphdef, p), z))
-        planes = encode(params, clip)
-        tclip = torch.from_numpy(np.array(clip)).to(tdev)
-        tplanes = tuple(torch.from_numpy(np.array(z)).to(tdev) for z in planes)
         n_patches = g.dec_grid[0] * g.dec_grid[1] * g.dec_grid[2]
-        with torch.no_grad():
-            row("encode", db, timed(lambda: jax.block_until_ready(encode(params, clip)), _STEPS.value),
-                timed(lambda: tmodel.encode(tclip), _STEPS.value))
-            row(f"decode video ({n_patches} patches, one call)", db,
-                timed(lambda: jax.block_until_ready(decode(params, planes)), _STEPS.value),
-                timed(lambda: tmodel.decode_video(tplanes), _STEPS.value))
+        torch_times = {}
+        for variant in _VARIANTS.value:
+            config = make_config(name)
+            layers.plain_attention = apply_variant(config, variant, plain)
+            tx = make_optimizer(config)
+            plan = tokenizer_state(config, mesh, tx)
+            graphdef, state = plan.graphdef, plan.create()
 
+            def row(what, batch, jax_t):
+                (jf, jm), (tf, tm) = jax_t, torch_times[what]
+                print(f"| {name} | {variant} | {what} | {batch} | {jf:.1f} | {jm * 1e3:.1f} | {tf:.1f} | "
+                      f"{tm * 1e3:.1f} | {tm / jm:.2f} |", flush=True)
+
+            step = jax.jit(make_train_step(graphdef, g, config, tx), donate_argnums=0)
+            batch = jax.device_put({"video": video_u8, "n_frames": n_frames}, dev)
+            holder = {"state": state}
+
+            def jax_step():
+                holder["state"], m = step(holder["state"], batch)
+                jax.block_until_ready(m)
+
+            params = state.params
+            model = nnx.merge(graphdef, params)
+            if not torch_times:  # PyTorch once per config, from the first variant's weights
+                kwargs = {k: config.model[k] for k in list(torch_model.RELEASED) + ["mlp_ratio", "padding_mask"]}
+                tmodel = torch_model.CoordTok(**kwargs)
+                tmodel.load_state_dict(to_torch_state_dict(model), strict=True)
+                tmodel.to(tdev).train()
+                o = config.optimizer
+                opt = torch.optim.AdamW(tmodel.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
+                                        weight_decay=o.weight_decay)
+                tv, tn = torch.from_numpy(video_u8).to(tdev), torch.from_numpy(n_frames.astype(np.int64)).to(tdev)
+                torch_times["train step"] = timed(
+                    lambda: torch_train_step(tmodel, opt, tv, tn, config.num_points, g), _STEPS.value)
+                tmodel.load_state_dict(to_torch_state_dict(model), strict=True)
+                tmodel.eval()
+                tclip = torch.from_numpy(np.array(clip)).to(tdev)
+                with torch.no_grad():
+                    torch_times["encode"] = timed(lambda: tmodel.encode(tclip), _STEPS.value)
+                    tplanes = tuple(torch.from_numpy(np.array(z)).to(tdev) for z in tmodel.encode(tclip))
+                    torch_times["decode video"] = timed(lambda: tmodel.decode_video(tplanes), _STEPS.value)
+            # functional jax.jit over the parameters (nnx.jit re-walks the module graph every call)
+            encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v))
+            decode = jax.jit(lambda p, z: decode_video(nnx.merge(graphdef, p), z))
+            planes = encode(params, clip)
+            row("encode", db, timed(lambda: jax.block_until_ready(encode(params, clip)), _STEPS.value))
+            row("decode video", db, timed(lambda: jax.block_until_ready(decode(params, planes)), _STEPS.value))
+            row("train step", b, timed(jax_step, _STEPS.value))
+        layers.plain_attention = plain
+        print(f"(decode video: {n_patches} patches per video in one joint call)")
 
 if __name__ == "__main__":
     app.run(main)

@@ -19,7 +19,7 @@ from coordtok_jax.models.layers import Compute
 from coordtok_jax.sharding import freeze_rules
 
 PADDING_MASK_MODES = ("official", "exclude")
-ATTENTION_IMPLS = (None, "xla", "cudnn", "chunked")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "chunked", "splash", "splash_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
 # Ready-made jax.checkpoint_policies (the others are factories that need arguments).
 REMAT_POLICIES = (
@@ -54,7 +54,7 @@ MODEL_FIELDS = (
     "mlp_ratio",
     "padding_mask",  # 'official' (+1 logit on padded memory, spec 9.1/9.3) or 'exclude'.
     "dtype",  # compute dtype; parameters are always float32.
-    "attention_impl",  # None (let JAX choose), 'xla', 'cudnn' or 'chunked' (query chunks, any backend).
+    "attention_impl",  # None / 'xla' (plain), 'cudnn' (GPU), 'splash' (TPU) or 'chunked' (query chunks).
     "remat_policy",  # 'none' or a name in jax.checkpoint_policies.
 )
 
@@ -197,6 +197,7 @@ def validate(cfg: Any) -> Geometry:
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     query_chunk(cfg)
+    scan_unroll(cfg)
     policy = _get(cfg, "remat_policy")
     if policy not in REMAT_POLICIES or (policy != "none" and not hasattr(jax.checkpoint_policies, policy)):
         raise ConfigError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
@@ -226,6 +227,16 @@ def query_chunk(cfg: Any) -> int:
     return v
 
 
+def scan_unroll(cfg: Any) -> int:
+    """config.model.scan_unroll (optional, default 1): layers per iteration of the layer scan
+    (a number >= the depth unrolls the stack completely: no per-layer slicing of the stacked
+    parameters; measured on CPU in benchmarks/RESULTS.md). Parameters stay stacked either way."""
+    v = cfg.get("scan_unroll", 1) if hasattr(cfg, "get") else getattr(cfg, "scan_unroll", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"config.model.scan_unroll must be a positive integer, got {v!r}")
+    return v
+
+
 def compute_dtype(cfg: Any) -> jnp.dtype:
     return jnp.dtype(_get(cfg, "dtype"))
 
@@ -234,4 +245,4 @@ def make_compute(cfg: Any, axis_rules=None):
     """The layers' Compute of a (validated) model config; `axis_rules` (e.g.
     `sharding.rules_of(config)`) turns on the activation sharding constraints."""
     return Compute(compute_dtype(cfg), _get(cfg, "attention_impl"), _get(cfg, "remat_policy"), query_chunk(cfg),
-                   freeze_rules(axis_rules))
+                   freeze_rules(axis_rules), scan_unroll(cfg))

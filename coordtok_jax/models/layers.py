@@ -8,8 +8,8 @@ Conventions
 * Initialisation is PyTorch's default, as the official model uses no custom init:
   Linear/Conv weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the packed in_proj of
   nn.MultiheadAttention is Xavier-uniform over the packed (3D, D) matrix.
-* Attention runs through `jax.nn.dot_product_attention` (implementation from the config, so the
-  cuDNN flash kernel can be selected on GPUs); logits are scaled by head_dim**-0.5 before the
+* Attention is `plain_attention` (XLA, heads next to the batch) or, by config, the cuDNN flash
+  kernel on GPUs or query-chunked attention; logits are scaled by head_dim**-0.5 before the
   additive bias, as in PyTorch.
 * Layers of one kind are stacked (one parameter tree with a leading 'layers' axis) and run with
   `jax.lax.scan`, optionally rematerialised with a named `jax.checkpoint_policies` policy. This is
@@ -39,6 +39,7 @@ class Compute:
     remat_policy: str = "none"
     query_chunk: int = 1024  # for attention_impl='chunked'
     rules: tuple = ()
+    scan_unroll: int = 1  # layers per iteration of a Stack's scan
 
     def constrain(self, x: jax.Array, names) -> jax.Array:
         """Pins `x` to its logical names' sharding under the context mesh (see sharding.py)."""
@@ -46,25 +47,56 @@ class Compute:
 
 
 def attention(q, k, v, *, bias, mask, scale, compute: Compute):
-    """jax.nn.dot_product_attention on (B, N, H, hd) inputs.
+    """Multi-head attention on (B, N, H, hd) inputs -> (B, Nq, H, hd).
 
-    attention_impl 'chunked' is memory-efficient attention for long sequences on backends without
-    a fused kernel (CPU, or GPUs without cuDNN flash attention): queries are processed in chunks
-    of `compute.query_chunk` with lax.map, each against all keys, so the logits held at once are
-    (B, H, chunk, Nk) instead of (B, H, Nq, Nk). Each query's softmax still covers all keys: the
-    result is the same as unchunked attention up to float rounding.
+    * None / 'xla' (default): `plain_attention`, XLA on any backend.
+    * 'cudnn': `jax.nn.dot_product_attention`'s cuDNN flash kernel (GPU, bf16/fp16).
+    * 'splash': the Pallas TPU splash-attention kernel (models/splash.py; 'splash_interpret' runs
+      it in Pallas's interpreter, on any backend, for tests). A call with an additive `bias` (the
+      official +1 on padded memory tokens) stays on plain attention: the kernel has no bias.
+    * 'chunked': memory-efficient attention for long sequences on backends without a fused kernel
+      (CPU, or GPUs without cuDNN flash attention): queries are processed in chunks of
+      `compute.query_chunk` with lax.map, each against all keys, so the logits held at once are
+      (B, H, chunk, Nk) instead of (B, H, Nq, Nk). Each query's softmax still covers all keys: the
+      result is the same as unchunked attention up to float rounding.
     """
     impl = compute.attention_impl
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
+    if impl in ("splash", "splash_interpret") and bias is None:  # the official +1 bias: XLA (see splash.py)
+        from coordtok_jax.models.splash import sharded_splash_attention
+
+        return sharded_splash_attention(q, k, v, key_mask=mask, scale=scale, rules=compute.rules,
+                                        interpret=impl == "splash_interpret")
     c = compute.query_chunk
     nq = q.shape[1]
     if impl != "chunked" or nq <= c:
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                            implementation=None if impl == "chunked" else impl)
+        return plain_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     n_chunks = -(-nq // c)
     qp = jnp.pad(q, ((0, 0), (0, n_chunks * c - nq), (0, 0), (0, 0)))
     chunks = qp.reshape((q.shape[0], n_chunks, c) + q.shape[2:]).swapaxes(0, 1)
-    out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v, bias=bias, mask=mask, scale=scale), chunks)
+    out = jax.lax.map(lambda qc: plain_attention(qc, k, v, bias=bias, mask=mask, scale=scale), chunks)
     return out.swapaxes(0, 1).reshape(qp.shape)[:, :nq]
+
+
+def plain_attention(q, k, v, *, bias=None, mask=None, scale: float):
+    """softmax(q k^T * scale + bias, masked) v with q, k, v (B, N, H, hd) -> (B, Nq, H, hd).
+
+    The heads are moved next to the batch before the two matmuls, so both are plain batched
+    matmuls over (B, H) and the (Nq, Nk) logits and probabilities are made and read in the layout
+    the softmax wants: transposing q, k, v and the output costs O(N hd), where letting XLA pick
+    the layout of a (B, N, H, hd) contraction transposes the O(Nq Nk) probabilities (measured on
+    CPU: benchmarks/RESULTS.md). Logits and softmax in float32, as jax.nn.dot_product_attention;
+    `bias` and `mask` broadcast to (B, H, Nq, Nk), masked logits get the most negative float32.
+    """
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, vh).transpose(0, 2, 1, 3)
 
 
 def named(init: Callable, axes: Sequence[Optional[str]]) -> Callable:
@@ -293,5 +325,5 @@ class Stack(nnx.Module):
 
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy), prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, state, unroll=min(self.compute.scan_unroll, self.num_layers))
         return x
