@@ -114,6 +114,32 @@ def main(argv):
         rate = _CLIPS.value / (time.perf_counter() - start)
         mb = rate * shape[0] * shape[1] * shape[2] * 3 / 2**20
         print(f"| {source} | {rate:.2f} | {1e3 / rate:.1f} | {mb:.0f} |", flush=True)
+    if "folder" in _SOURCES.value:
+        window_seek_table(folder, shape[0])
+
+
+def window_seek_table(folder, frames):
+    """One T-frame window per video: the whole file decoded then sliced vs decode_window's seek."""
+    import numpy as np
+
+    from coordtok_jax.data.sources import list_videos
+    from coordtok_jax.data.video_io import decode_frames, decode_window, take_window
+
+    files = [os.path.join(folder, rel) for rel in list_videos(folder)[0]]
+    rows = {}
+    for name, fn in (("decode the file, slice", lambda f, r: take_window(decode_frames(f), frames, None, r)),
+                     ("seek to the window", lambda f, r: decode_window(f, frames, None, r))):
+        rng, start = np.random.default_rng(0), time.perf_counter()
+        for _ in range(2):
+            for f in files:
+                fn(f, rng)
+        rows[name] = (time.perf_counter() - start) / (2 * len(files))
+    print(f"\nfolder source, one {frames}-frame window of each {len(files)} source videos (decode only, one core):")
+    print("| how | ms per window | x |")
+    print("|---|---:|---:|")
+    base = rows["decode the file, slice"]
+    for name, t in rows.items():
+        print(f"| {name} | {t * 1e3:.1f} | {base / t:.2f} |")
 
 
 if __name__ == "__main__":

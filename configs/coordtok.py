@@ -87,10 +87,11 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     # 'exclude': padded memory tokens are masked out (-inf); partially valid patches are kept.
     m.padding_mask = "official"
     m.dtype = "float32"  # compute dtype: 'bfloat16' on TPU/GPU; parameters stay float32.
-    # None lets JAX choose; 'cudnn' selects the cuDNN flash kernel (GPU, bf16/fp16 only).
+    # None / 'xla': plain XLA attention; 'splash': the Pallas TPU kernel; 'cudnn': cuDNN flash (GPU, bf16).
     m.attention_impl = ml_collections.FieldReference(None, field_type=str)
     m.attention_query_chunk = 1024  # queries per chunk when attention_impl='chunked'
     m.remat_policy = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'.
+    m.scan_unroll = 1  # layers per iteration of the layer scans (parameters stay stacked)
     return m
 
 

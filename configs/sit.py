@@ -66,9 +66,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.class_dropout_prob = 0.0  # > 0 adds the null-class row for classifier-free guidance
     m.learn_sigma = True
     m.dtype = "float32"  # compute dtype ('bfloat16' on accelerators); parameters stay float32
-    m.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None | xla | cudnn | chunked
+    m.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None | xla | splash | cudnn | chunked
     m.attention_query_chunk = 1024
     m.remat_policy = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
+    m.scan_unroll = 1  # layers per iteration of the layer scans (parameters stay stacked)
     return m
 
 

@@ -117,3 +117,26 @@ def test_cli_writes_json_and_exits_1_when_it_does_not_fit(tmp_path):
     assert set(report["per_chip_gib"]) >= {"arguments", "temporaries", "outputs", "total"}
     assert report["flops_per_step"] > 0 and "all-gather" in report["collectives"]
     assert "per-chip memory (GiB)" in proc.stdout
+
+
+@needs_libtpu
+def test_splash_attention_compiles_for_a_tpu_topology():
+    """attention_impl='splash': the tokenizer's train step and a SiT step compile for v5e-8 (FSDP x data
+    mesh) with the Pallas kernel in them (Mosaic custom calls), the official-bias layer on XLA."""
+    import sit
+
+    config = _tiny()
+    with config.unlocked():
+        config.model.attention_impl = "splash"
+    target = compile_lib.resolve_target("v5e-8")
+    compiled, _ = aot.compile_program(compile_lib.prepare(config, target))
+    hlo = compiled.as_text()
+    # forward and backward kernels of the ViT3D, self-attention and decoder stacks
+    assert hlo.count('custom_call_target="tpu_custom_call"') >= 6
+    sit_config = sit.get_config("tiny")
+    with sit_config.unlocked():
+        sit_config.model.attention_impl = "splash"
+        sit_config.latents = None
+        sit_config.mesh.shape = (4, 2)
+    compiled, _ = aot.compile_program(compile_lib.prepare(sit_config, target))
+    assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()

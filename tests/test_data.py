@@ -396,3 +396,34 @@ def test_load_npz_equals_np_load_without_parsing_python():
         records.load_npz(corrupt)
     with pytest.raises(ValueError, match=r"not a readable .npz record \(5 bytes\)"):
         records.load_npz(b"hello")
+
+
+@pytest.mark.parametrize("name, codec, seeks", [("a.mp4", "libx264", True), ("b.avi", "mpeg4", True),
+                                                ("c.mkv", "mpeg4", False)])
+def test_window_seek_returns_the_frames_of_a_full_decode(tmp_path, monkeypatch, name, codec, seeks):
+    """decode_window seeks to the key frame before the window; every window (and every random draw,
+    and a clip shorter than the window) equals take_window over a full decode, frame for frame."""
+    from video_files import moving_frames, write_video
+
+    from coordtok_jax.data.video_io import decode_frames, decode_window, take_window
+
+    path = write_video(tmp_path / name, moving_frames(45, 32, 48), codec=codec, fps=8, gop=6)
+    full = decode_frames(path)
+    assert len(full) == 45
+    if seeks:  # the container states its frame count: no full decode behind the window's back
+        from coordtok_jax.data import video_io
+
+        monkeypatch.setattr(video_io, "decode_frames", lambda *a, **k: pytest.fail("fell back to a full decode"))
+    for start in (0, 5, 6, 17, 30, 37):
+        got, n = decode_window(path, 8, start, None)
+        want, wn = take_window(full, 8, start, None)
+        assert n == wn == 8
+        np.testing.assert_array_equal(got, want)
+    for seed in range(3):
+        got, _ = decode_window(path, 8, None, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got, take_window(full, 8, None, np.random.default_rng(seed))[0])
+    monkeypatch.undo()  # a clip shorter than the window is decoded whole
+    got, n = decode_window(path, 64, None, np.random.default_rng(0))
+    want, wn = take_window(full, 64, None, np.random.default_rng(0))
+    assert n == wn == 45
+    np.testing.assert_array_equal(got, want)

@@ -22,13 +22,16 @@ def moving_frames(length: int, height: int, width: int, seed: int = 0) -> np.nda
     return frames
 
 
-def write_video(path, frames: np.ndarray, codec: str = "mpeg4", fps: int = 25) -> pathlib.Path:
+def write_video(path, frames: np.ndarray, codec: str = "mpeg4", fps: int = 25, gop: int = 0) -> pathlib.Path:
+    """`gop` > 0: a key frame every `gop` frames (so that seeking lands inside the clip)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         stream.pix_fmt = "yuv420p"
+        if gop:
+            stream.codec_context.gop_size = gop
         if codec == "mpeg4":
             stream.options = {"qscale": "1"}  # near-lossless, so decoded frames are close to the input
         for frame in frames:

@@ -17,7 +17,7 @@ from etils import epath
 from coordtok_jax.data import records
 from coordtok_jax.data.shards import LazyRecords
 from coordtok_jax.data.synthetic import synthetic_clip
-from coordtok_jax.data.video_io import VIDEO_EXTENSIONS, decode_frames, resize_center_crop, take_window
+from coordtok_jax.data.video_io import VIDEO_EXTENSIONS, decode_window, resize_center_crop, take_window
 from coordtok_jax.errors import UserError
 from coordtok_jax.remote import check_reachable
 
@@ -111,8 +111,10 @@ class FolderSource:
 
     def load(self, i, rng):
         rel = self.files[i]
-        frames = decode_frames(self.root / rel)
-        video, n = _fit(frames, self.shape, self.starts[i], rng)
+        T, H, W = self.shape
+        video, n = decode_window(self.root / rel, T, self.starts[i], rng)  # seeks to the window
+        if video.shape[1:3] != (H, W):
+            video = resize_center_crop(video, H, W)
         return {"video": video, "n_frames": n, "label": self.classes.index(rel.split("/")[0])}
 
 

@@ -94,6 +94,64 @@ def resize(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((out_w, out_h), Image.BICUBIC)) for f in frames])
 
 
+def decode_window(source: PathLike, num_frames: int, start: int | None, rng: np.random.Generator | None):
+    """`take_window(decode_frames(source), num_frames, start, rng)` without decoding the whole file.
+
+    The clip length comes from the container (the stream's frame count); the start is drawn
+    exactly as take_window draws it; the decoder seeks to the key frame at or before the window
+    and decodes until the window is complete, so a window costs at most one group of pictures
+    plus `num_frames` decoded frames, not the clip. Frame positions are read from the
+    presentation timestamps. Clips shorter than the window (the whole clip, padded), files whose
+    container does not state its frame count, and any window the seek does not reproduce frame
+    for frame (timestamps that are not consecutive frame positions) decode the whole file: the
+    result is always the frames a full decode gives. (A container that overstates its frame count
+    could move where random windows may start; the window's frames are still the file's.)
+    """
+    import av
+
+    def _window(fileobj):
+        with av.open(fileobj, mode="r") as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            length, rate = int(stream.frames or 0), stream.average_rate
+            if length <= 0 or not rate or stream.time_base is None:
+                return None
+            if length < num_frames:
+                return None  # a short clip is the whole clip: nothing to skip
+            first = start
+            if first is None:
+                first = int(rng.integers(0, length - num_frames + 1)) if rng is not None else 0
+            first = min(max(int(first), 0), length - num_frames)
+            origin = stream.start_time or 0
+            if first > 0:
+                container.seek(origin + int(first / (rate * stream.time_base)), stream=stream, backward=True)
+            stream.thread_type = "AUTO"
+            frames, expected = [], first
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    return None
+                index = round(float((frame.pts - origin) * stream.time_base * rate))
+                if index < expected:
+                    continue
+                if index != expected:  # a gap or a timestamp that is not a frame position
+                    return None
+                frames.append(frame.to_ndarray(format="rgb24"))
+                expected += 1
+                if len(frames) == num_frames:
+                    return np.stack(frames), num_frames
+            return None
+
+    try:
+        with epath.Path(source).open("rb") as f:
+            window = _window(f)
+    except (OSError, ValueError, av.error.FFmpegError):
+        window = None  # decode_frames below names the file and the cause
+    if window is not None:
+        return window
+    return take_window(decode_frames(source), num_frames, start, rng)
+
+
 def take_window(frames: np.ndarray, num_frames: int, start: int | None, rng: np.random.Generator | None):
     """A num_frames window of a clip -> (uint8 (num_frames, H, W, 3), n_frames).
 

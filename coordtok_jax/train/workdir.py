@@ -31,7 +31,7 @@ RESUMABLE = (
     "total_steps", "log_every", "save_every", "eval_every", "eval_videos", "eval_points_per_call",
     "eval_num_videos", "eval_sampler_steps", "eval_i3d", "keep_last", "keep_every", "peak_flops_per_device",
     "debug.", "distributed", "init_from", "lpips.vgg_path", "lpips.lin_path", "mesh.", "logical_axis_rules",
-    "model.dtype", "model.attention_impl", "model.attention_query_chunk", "model.remat_policy",
+    "model.dtype", "model.attention_impl", "model.attention_query_chunk", "model.remat_policy", "model.scan_unroll",
     "data.root", "data.path", "data.data_dir", "data.num_workers", "data.worker_buffer_size",
     "data.read_threads", "data.prefetch", "data.max_consecutive_failures", "data.eval_list", "latents",
     "sample.",
