@@ -19,10 +19,8 @@ override that does not parse (an unknown field, a bad value, a missing config fi
 
 from __future__ import annotations
 
-import glob
-import os
 import sys
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
@@ -37,10 +35,7 @@ def run(module_name: str, define_flags: Callable[[], None], main: Callable, erro
     The preamble every tool shares, before `main(argv)`: the flags in `required` must be given
     ("--a and --b are required{hint} (see --help)"), positional arguments are refused unless
     `positional`, and absl logging shows `log_level` and above (Orbax logs every save at INFO;
-    trainers keep their warnings) unless --verbosity is given. On a CPU host the tool first
-    re-executes itself under a page-retaining allocator when one is installed (see
-    `allocator_to_preload`)."""
-    reexec_with_page_retaining_allocator()
+    trainers keep their warnings) unless --verbosity is given."""
     define_flags()
     module = sys.modules[module_name]
     defined_in = sys.argv[0] if module_name == "__main__" else module_name
@@ -118,43 +113,3 @@ def dashed_aliases(argv: Sequence[str]) -> list[str]:
         out.append(arg)
     return out
 
-
-# Page-retaining allocators, looked for in this order (Debian/Ubuntu: apt install libjemalloc2).
-ALLOCATORS = tuple(f"{d}/libjemalloc.so.2" for d in (
-    "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"))
-ALLOCATOR_ENV = "COORDTOK_ALLOCATOR"  # 'system' keeps glibc malloc; set to the library once re-executed
-
-
-def allocator_to_preload(environ: Mapping[str, str], exists: Callable[[str], bool] = os.path.exists,
-                         accelerators: Optional[Sequence[str]] = None) -> Optional[str]:
-    """The allocator library a CPU run should be re-executed with, or None.
-
-    XLA:CPU allocates each call's temporaries anew (hundreds of MB for a train step); glibc
-    serves blocks that large with mmap and unmaps them on free, so every step page-faults and
-    zero-fills them again (a quarter of a CPU train step: benchmarks/RESULTS.md). jemalloc keeps
-    freed pages for reuse. None when: $COORDTOK_ALLOCATOR is set (opted out with 'system', or
-    this process is the re-executed one), LD_PRELOAD already names jemalloc, JAX_PLATFORMS names
-    a platform other than cpu, an accelerator's device files exist (TPU /dev/accel*, /dev/vfio;
-    NVIDIA /dev/nvidia*), or no library is installed."""
-    if environ.get(ALLOCATOR_ENV) or "jemalloc" in environ.get("LD_PRELOAD", ""):
-        return None
-    platforms = environ.get("JAX_PLATFORMS", "")
-    if platforms and platforms.strip().lower() != "cpu":
-        return None
-    if not platforms:
-        found = accelerators if accelerators is not None else (
-            glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*") + glob.glob("/dev/nvidia[0-9]*"))
-        if found:
-            return None
-    return next((lib for lib in ALLOCATORS if exists(lib)), None)
-
-
-def reexec_with_page_retaining_allocator() -> None:
-    """Replaces this process by the same command under `allocator_to_preload`'s library (once)."""
-    lib = allocator_to_preload(os.environ)
-    if lib is None or not getattr(sys, "orig_argv", None):
-        return
-    env = dict(os.environ, **{ALLOCATOR_ENV: lib, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()})
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

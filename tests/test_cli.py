@@ -114,33 +114,3 @@ def test_the_shared_preamble_names_what_is_missing(tool, args, message):
     assert r.returncode == 1, r.stderr[-2000:]  # absl's usage error: the short help, then the message
     assert message in r.stderr, r.stderr[-2000:]
 
-
-def test_allocator_choice():
-    from coordtok_jax.cli import ALLOCATORS, allocator_to_preload
-
-    lib = ALLOCATORS[0]
-    has = lambda p: p == lib
-    assert allocator_to_preload({}, has, accelerators=[]) == lib
-    assert allocator_to_preload({"JAX_PLATFORMS": "cpu"}, has, accelerators=["/dev/accel0"]) == lib
-    assert allocator_to_preload({}, has, accelerators=["/dev/accel0"]) is None  # a TPU VM
-    assert allocator_to_preload({"JAX_PLATFORMS": "cuda"}, has, accelerators=[]) is None
-    assert allocator_to_preload({"COORDTOK_ALLOCATOR": "system"}, has, accelerators=[]) is None
-    assert allocator_to_preload({"COORDTOK_ALLOCATOR": lib}, has, accelerators=[]) is None  # re-executed once
-    assert allocator_to_preload({"LD_PRELOAD": "/opt/libjemalloc.so"}, has, accelerators=[]) is None
-    assert allocator_to_preload({}, lambda p: False, accelerators=[]) is None  # none installed
-
-
-def test_a_cpu_tool_runs_under_jemalloc_when_it_is_installed():
-    """The re-exec keeps the command line and reaches the tool (its flags parse, its main runs)."""
-    from coordtok_jax.cli import allocator_to_preload
-
-    code = ("import sys; from coordtok_jax import cli; cli.reexec_with_page_retaining_allocator();"
-            "print('jemalloc' in open('/proc/self/maps').read(), sys.argv[1:])")
-    env = {k: v for k, v in os.environ.items() if k not in ("COORDTOK_ALLOCATOR", "LD_PRELOAD")}
-    r = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], capture_output=True, text=True, timeout=60,
-                       env=env)
-    expected = allocator_to_preload(env) is not None
-    assert r.stdout.strip() == f"{expected} ['a', '--b=1']", r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env=dict(env, COORDTOK_ALLOCATOR="system"))
-    assert r.stdout.startswith("False"), r.stderr[-2000:]

@@ -124,3 +124,45 @@ def test_grad_accumulation_averages_micro_batch_gradients(devices):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=5e-6)  # lr = 1e-4
     # Adam is scale-invariant, so the norm is what tells a mean from a sum of micro-batch grads
     assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(mean)), rel=1e-4)
+
+
+@pytest.mark.torch
+def test_stage2_loss_is_the_mean_of_l2_plus_weighted_lpips_sums():
+    """Stage 2's loss value: per video, the MSE over its K decoded frames plus lpips_weight x the SUM
+    of the K frames' LPIPS (the torch reference of test_lpips on the frames put together with NumPy),
+    averaged over videos."""
+    torch = pytest.importorskip("torch")
+    from flax import nnx
+    from test_lpips import random_state_dicts, torch_lpips
+
+    from coordtok_jax.data.video import to_model_input
+    from coordtok_jax.metrics.lpips import LPIPS
+    from coordtok_jax.models import CoordTok
+    from coordtok_jax.models.patches import indices_to_coords
+    from coordtok_jax.train.step import make_loss_fn
+
+    config = coordtok.get_config("tiny,stage=2")
+    with config.unlocked():
+        config.lpips_weight, config.lpips.dropout, config.num_frames = 0.7, False, 3
+    model = CoordTok(config.model, rngs=nnx.Rngs(0))
+    vgg, lin = random_state_dicts(1)
+    graphdef, params = nnx.split(model)
+    lpips_graphdef, lpips_state = nnx.split(LPIPS.from_state_dicts(vgg, lin))
+    rng = np.random.default_rng(0)
+    video = jnp.asarray(rng.integers(0, 256, (2, 16, 32, 32, 3), dtype=np.uint8))
+    n_frames, key = jnp.array([16, 9]), jax.random.key(7)
+    loss, metrics = make_loss_fn(graphdef, TINY, config, lpips_graphdef)(params, video, n_frames, key, lpips_state)
+
+    idx = points.sample_stage2(jax.random.split(key)[0], n_frames, TINY, 3)  # the step's own draw
+    pred = np.asarray(model(to_model_input(video, n_frames, -3.0), n_frames, indices_to_coords(idx, TINY.dec_grid)),
+                      np.float64)
+    (_, gx, gy), (pt, p, _) = TINY.dec_grid, TINY.dec_patch
+    frames = pred.reshape(2, 3, gx, gy, pt, p, p, 3).transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(2, 3, 32, 32, 3)
+    t = np.asarray(idx)[:, :: gx * gy, 0]  # each frame's t (pt = 1)
+    target = np.asarray(video, np.float64)[np.arange(2)[:, None], t] / 255 * 2 - 1
+    l2 = ((frames - target) ** 2).mean(axis=(1, 2, 3, 4))
+    lp = torch_lpips(torch, vgg, lin, frames.reshape(6, 32, 32, 3).astype(np.float32),
+                     target.reshape(6, 32, 32, 3).astype(np.float32)).reshape(2, 3).sum(axis=1)
+    np.testing.assert_allclose(float(metrics["l2"]), l2.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["lpips"]), lp.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), (l2 + 0.7 * lp).mean(), rtol=1e-4)
