@@ -91,7 +91,11 @@ def test_a_mesh_that_cannot_split_the_batch_is_a_clear_error(devices):
 
 @needs_libtpu
 def test_tpu_topology_report_equals_the_compiled_program():
-    config = _tiny()
+    from test_train_step import micro_config
+
+    config = micro_config()
+    with config.unlocked():
+        config.mesh.shape = (4, 2)
     target = compile_lib.resolve_target("v5e-8")
     assert len(target.devices) == 8 and target.devices[0].platform == "tpu"
     program = compile_lib.prepare(config, target)
@@ -124,10 +128,12 @@ def test_splash_attention_compiles_for_a_tpu_topology():
     """attention_impl='splash': the tokenizer's train step and a SiT step compile for v5e-8 (FSDP x data
     mesh) with the Pallas kernel in them (Mosaic custom calls), the official-bias layer on XLA."""
     import sit
+    from test_train_step import micro_config
 
-    config = _tiny()
+    config = micro_config()
     with config.unlocked():
         config.model.attention_impl = "splash"
+        config.mesh.shape = (4, 2)
     target = compile_lib.resolve_target("v5e-8")
     compiled, _ = aot.compile_program(compile_lib.prepare(config, target))
     hlo = compiled.as_text()

@@ -151,11 +151,13 @@ def test_stage2_loss_is_the_mean_of_l2_plus_weighted_lpips_sums():
     rng = np.random.default_rng(0)
     video = jnp.asarray(rng.integers(0, 256, (2, 16, 32, 32, 3), dtype=np.uint8))
     n_frames, key = jnp.array([16, 9]), jax.random.key(7)
-    loss, metrics = make_loss_fn(graphdef, TINY, config, lpips_graphdef)(params, video, n_frames, key, lpips_state)
+    loss, metrics = jax.jit(make_loss_fn(graphdef, TINY, config, lpips_graphdef))(params, video, n_frames, key,
+                                                                                 lpips_state)
 
     idx = points.sample_stage2(jax.random.split(key)[0], n_frames, TINY, 3)  # the step's own draw
-    pred = np.asarray(model(to_model_input(video, n_frames, -3.0), n_frames, indices_to_coords(idx, TINY.dec_grid)),
-                      np.float64)
+    forward = jax.jit(lambda p, v, n, c: nnx.merge(graphdef, p)(v, n, c))
+    pred = np.asarray(forward(params, to_model_input(video, n_frames, -3.0), n_frames,
+                              indices_to_coords(idx, TINY.dec_grid)), np.float64)
     (_, gx, gy), (pt, p, _) = TINY.dec_grid, TINY.dec_patch
     frames = pred.reshape(2, 3, gx, gy, pt, p, p, 3).transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(2, 3, 32, 32, 3)
     t = np.asarray(idx)[:, :: gx * gy, 0]  # each frame's t (pt = 1)

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from coordtok_jax.models.config import Geometry, make_compute, validate
@@ -65,7 +66,8 @@ class CoordTok(nnx.Module):
             )
         if not isinstance(n_frames, jax.core.Tracer):  # concrete: check the range here
             T = self.geometry.video_shape[0]
-            lo, hi = int(n_frames.min()), int(n_frames.max())
+            values = np.asarray(n_frames)  # NumPy: also concrete inside a trace (a closed-over array)
+            lo, hi = int(values.min()), int(values.max())
             if lo < 1 or hi > T:
                 raise ValueError(f"n_frames must be in [1, {T}] (config.model.video_shape[0]), got {lo}..{hi}")
         return n_frames
