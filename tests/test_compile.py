@@ -111,7 +111,8 @@ def test_cli_writes_json_and_exits_1_when_it_does_not_fit(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "coordtok_jax.compile", "--config=configs/coordtok.py:tiny", "--topology=v5e-8",
-         "--config.mesh.shape=1,8", "--hbm_gib=0.001", f"--json={out}"],
+         "--config.mesh.shape=1,8", "--hbm_gib=0.001", f"--json={out}", "--config.model.enc_patch_num_layers=1",
+         "--config.model.enc_num_layers=1", "--config.model.dec_num_layers=1"],  # one layer a stack: quicker
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
