@@ -66,10 +66,10 @@ CPU_RECIPE = {
     "optimizer.warmup_steps": 50,
     "optimizer.schedule": "cosine",
     "num_points": 128,
-    "total_steps": 2800,
+    "total_steps": 3200,
     "log_every": 50,
-    "save_every": 700,
-    "eval_every": 700,
+    "save_every": 800,
+    "eval_every": 800,
     "eval_videos": 8,
 }
 
