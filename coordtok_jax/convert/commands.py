@@ -61,14 +61,21 @@ def define_flags():
                         "as train_sit writes (WORKDIR/latent_stats.json).")
 
 
-def torch_export(workdir: str, output: str, step=None, *, module_prefix: bool = True, overwrite: bool = False) -> dict:
-    """Writes the checkpoint of `workdir` (latest or `step`) as an official .pth; returns a summary."""
-    out = epath.Path(output)
-    if out.exists() and not overwrite:
+def _export_source(workdir: str, output: str, step, overwrite: bool, kind: str, command: str):
+    """(checkpoint directory, step, config) of the run an export reads, after refusing to overwrite
+    `output` and a workdir of the wrong kind."""
+    if epath.Path(output).exists() and not overwrite:
         raise FileExistsError(f"--output={output} exists; pass --overwrite to replace it")
     directory, step = resolve_step(workdir, step)
     config = read_config(workdir, step)
-    require_kind(config, "tokenizer", workdir, "torch-export")
+    require_kind(config, kind, workdir, command)
+    return directory, step, config
+
+
+def torch_export(workdir: str, output: str, step=None, *, module_prefix: bool = True, overwrite: bool = False) -> dict:
+    """Writes the checkpoint of `workdir` (latest or `step`) as an official .pth; returns a summary."""
+    out = epath.Path(output)
+    directory, step, config = _export_source(workdir, output, step, overwrite, "tokenizer", "torch-export")
     validate(config.model)
     params, step = restore_params(str(directory.parent), abstract_params(config.model), step)
     state_dict = to_torch_state_dict(params)
@@ -106,11 +113,7 @@ def sit_export(workdir: str, output: str, step=None, *, overwrite: bool = False)
 
     torch = import_torch()
     out = epath.Path(output)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--output={output} exists; pass --overwrite to replace it")
-    _, step = resolve_step(workdir, step)
-    config = read_config(workdir, step)
-    require_kind(config, "sit", workdir, "sit-export")
+    _, step, config = _export_source(workdir, output, step, overwrite, "sit", "sit-export")
     _, abstract, _ = split_sit(config)
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     sds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
