@@ -58,3 +58,15 @@ def test_max_shapes_bounds_the_shapes_and_keeps_the_default_clips():
     np.testing.assert_array_equal(synthetic_clip(0, 3, (8, 16, 16), max_shapes=3)[0], synthetic_clip(0, 3, (8, 16, 16))[0])
     with pytest.raises(ValueError, match="max_shapes must be >= 1, got 0"):
         synthetic_clip(0, 0, (2, 8, 8), max_shapes=0)
+
+
+def test_centered_shapes_start_in_the_middle():
+    """centered=True: the one shape of a still, flat clip sits at the frame's centre (its pixels'
+    centroid), the clip otherwise as drawn without it (same background colour)."""
+    for i in range(5):
+        clip = synthetic_clip(0, i, (2, 32, 32), texture=0.0, motion=0.0, max_shapes=1, centered=True)[0][0]
+        plain = synthetic_clip(0, i, (2, 32, 32), texture=0.0, motion=0.0, max_shapes=1)[0][0]
+        background = np.median(plain.reshape(-1, 3), axis=0)
+        np.testing.assert_array_equal(np.median(clip.reshape(-1, 3), axis=0), background)
+        ys, xs = np.nonzero(np.any(clip != background, axis=-1))
+        assert abs(ys.mean() - 15.5) < 1.0 and abs(xs.mean() - 15.5) < 1.0, (i, ys.mean(), xs.mean())

@@ -26,6 +26,7 @@ def data_config() -> ml_collections.ConfigDict:
     d.synthetic_texture = 1.0  # 0 = flat backgrounds and shapes (same layout and motion)
     d.synthetic_motion = 1.0  # scales pan, velocities and spin (0 = still pictures)
     d.synthetic_max_shapes = 3  # shapes per clip: 1 .. max_shapes
+    d.synthetic_centered = False  # every shape starts at the frame's centre
     # folder: root/class/*.avi|mp4|..., decoded with PyAV; eval_list = 'relative/path [start]' lines
     d.root = _optional_str()
     d.eval_list = _optional_str()

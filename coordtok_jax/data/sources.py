@@ -39,12 +39,13 @@ class SyntheticSource:
     """Procedural clips, deterministic per (seed, index) (data/synthetic.py)."""
 
     def __init__(self, shape, num_clips: int, seed: int, min_frames: Optional[int] = None, short_fraction: float = 0.25,
-                 texture: float = 1.0, motion: float = 1.0, max_shapes: int = 3):
+                 texture: float = 1.0, motion: float = 1.0, max_shapes: int = 3,
+                 centered: bool = False):
         if num_clips <= 0:
             raise DataError(f"synthetic: config.data.num_clips must be positive, got {num_clips}")
         self.shape, self.num_clips, self.seed = tuple(shape), int(num_clips), int(seed)
         self.min_frames, self.short_fraction, self.texture = min_frames, short_fraction, float(texture)
-        self.motion, self.max_shapes = float(motion), int(max_shapes)
+        self.motion, self.max_shapes, self.centered = float(motion), int(max_shapes), bool(centered)
         self.name = f"synthetic(seed={seed}, {num_clips} clips)"
 
     def __len__(self):
@@ -57,7 +58,8 @@ class SyntheticSource:
         del rng  # deterministic per index
         video, n = synthetic_clip(self.seed, i, self.shape, min_frames=self.min_frames,
                                   short_fraction=self.short_fraction, texture=self.texture,
-                                  motion=self.motion, max_shapes=self.max_shapes)
+                                  motion=self.motion, max_shapes=self.max_shapes,
+                                  centered=self.centered)
         return {"video": video, "n_frames": n, "label": -1}
 
 
@@ -220,7 +222,8 @@ def make_source(data, shape, *, train: bool = True):
         return SyntheticSource(shape, data.num_clips, seed, data.get("min_frames"),
                                texture=data.get("synthetic_texture", 1.0),
                                motion=data.get("synthetic_motion", 1.0),
-                               max_shapes=data.get("synthetic_max_shapes", 3))
+                               max_shapes=data.get("synthetic_max_shapes", 3),
+                               centered=data.get("synthetic_centered", False))
     if kind == "folder":
         return FolderSource(data.root, shape, None if train else data.get("eval_list"))
     if kind == "array_record":

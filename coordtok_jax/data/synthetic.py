@@ -21,6 +21,7 @@ def synthetic_clip(
     texture: float = 1.0,
     motion: float = 1.0,
     max_shapes: int = 3,
+    centered: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Returns (frames uint8 (T, H, W, 3), n_frames).
 
@@ -29,6 +30,7 @@ def synthetic_clip(
     `motion` scales the background's pan and the shapes' velocities and spin (1: the default data;
     0: a still picture; the layout, colours and textures do not change).
     `max_shapes`: each clip has 1 .. max_shapes shapes (3: the default data).
+    `centered`: every shape starts at the frame's centre (the rest of the clip is drawn as before).
     """
     T, H, W = (int(s) for s in shape)
     if min(T, H, W) <= 0:
@@ -58,6 +60,8 @@ def synthetic_clip(
         kind = rng.integers(0, 3)
         size = rng.uniform(0.08, 0.25)
         pos = rng.uniform(size, 1 - size, size=2)
+        if centered:
+            pos = np.full(2, 0.5)
         vel = motion * rng.uniform(-0.03, 0.03, size=2)
         spin = motion * rng.uniform(-0.2, 0.2)
         color = rng.uniform(0, 1, size=3).astype(np.float32)
