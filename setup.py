@@ -62,7 +62,8 @@ setup(
                 ("demo", "demo"), ("prepare", "prepare"), ("train", "train.__main__"),
                 ("convert", "convert.__main__"), ("evaluate", "evaluate.__main__"),
                 ("reconstruct", "reconstruct"), ("train_sit", "train_sit"), ("sample", "sample"),
-                ("encode_latents", "encode_latents"), ("compile", "compile"))
+                ("encode_latents", "encode_latents"), ("compile", "compile"),
+                ("train_scorer", "train_scorer"))
         ],
     },
     license="MIT",

@@ -1,6 +1,7 @@
 r"""CoordTok tokenizer configurations.
 
-    --config=configs/coordtok.py:ARG   with ARG = SIZE[,stage=1|2][,runlocal], SIZE in {L, B, S, tiny, cpu}
+    --config=configs/coordtok.py:ARG   with ARG = SIZE[,stage=1|2][,tokens=nested][,data=mixed][,runlocal],
+                                       SIZE in {L, B, S, tiny, cpu}
     --config.model.enc_num_layers=12   overrides any field
 
 `L,stage=1` and `L,stage=2` are the paper's runs: global batch 256 clips of 128 frames,
@@ -16,6 +17,11 @@ checkpoint via --config.init_from).
   patches, and CPU_RECIPE's data / schedule (held-out PSNR and wall time: benchmarks/RESULTS.md).
 * `tiny`: exactly the reference small configuration (coordtok_small_state_dict.json,
   511,408 parameters): 16x32x32 video, width 64, 2 layers each. Runs in seconds on a CPU.
+
+`tokens=nested` (any size) turns on nested triplane tokens (issue 17, coordtok_jax/models/nested.py:
+the temporal planes decode at any per-block token budget; off, the model is the official one);
+`data=mixed` makes half the synthetic clips still and half fast (the token-budget measurements:
+`configs/coordtok.py:cpu,tokens=nested,data=mixed`).
 """
 
 import ml_collections
@@ -92,7 +98,16 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.attention_query_chunk = 1024  # queries per chunk when attention_impl='chunked'
     m.remat_policy = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'.
     m.scan_unroll = 1  # layers per iteration of the layer scans (parameters stay stacked)
+    # Nested triplane tokens (models/nested.py; off = the official model): the temporal planes cut
+    # into token_blocks blocks, each decodable at any of token_levels (fractions of its cells).
+    m.nested_tokens = False
+    m.token_blocks = 4
+    m.token_levels = (0.25, 0.5, 0.75, 1.0)
     return m
+
+
+# `data=mixed`: half the synthetic clips still, half moving fast (where a token budget matters).
+MIXED_DATA = {"data.synthetic_motion": 0.0, "data.synthetic_fast_fraction": 0.5, "data.synthetic_fast_motion": 1.0}
 
 
 def _optional_str():
@@ -100,11 +115,15 @@ def _optional_str():
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """ARG = SIZE[,stage=1|2][,runlocal]: SIZE in {L, B, S, tiny, cpu}; stage 1 (N random patches, L2)
-    or stage 2 (whole frames, L2 + LPIPS, started from a stage-1 checkpoint with --config.init_from);
-    runlocal: SIZE's model with a schedule that runs on a CPU (implied by tiny and cpu)."""
+    """ARG = SIZE[,stage=1|2][,tokens=fixed|nested][,data=default|mixed][,runlocal]: SIZE in {L, B, S,
+    tiny, cpu}; stage 1 (N random patches, L2) or stage 2 (whole frames, L2 + LPIPS, started from a
+    stage-1 checkpoint with --config.init_from); tokens=nested: nested triplane tokens (any per-block
+    budget, models/nested.py); data=mixed: synthetic clips half still, half fast; runlocal: SIZE's
+    model with a schedule that runs on a CPU (implied by tiny and cpu)."""
     size, options = config_lib.parse_arg(arg, sizes=list(_ARCH), default="tiny",
-                                         options={"stage": ("1", "2")}, local_sizes=LOCAL_SIZES)
+                                         options={"stage": ("1", "2"), "tokens": ("fixed", "nested"),
+                                                  "data": ("default", "mixed")},
+                                         local_sizes=LOCAL_SIZES)
     stage = int(options.get("stage", 1))
     local = options["runlocal"]
     config = ml_collections.ConfigDict()
@@ -153,6 +172,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)  # MFU; None = known table
     if size == "cpu":
         config_lib.override(config, CPU_RECIPE)
+    if options.get("tokens") == "nested":  # issue 17: one model, any per-block token budget
+        config.model.nested_tokens = True
+    if options.get("data") == "mixed":  # synthetic clips half still, half fast (the budget measurements)
+        config_lib.override(config, MIXED_DATA)
 
     # Mesh and parameter sharding.
     config.mesh = ml_collections.ConfigDict()

@@ -65,6 +65,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.num_classes = 1  # official: unconditional (every label is 0)
     m.class_dropout_prob = 0.0  # > 0 adds the null-class row for classifier-free guidance
     m.learn_sigma = True
+    # 'zeros' (official) or 'sincos': the start of the learned yt / xt position table
+    m.pos_embed_t_init = "zeros"
     m.dtype = "float32"  # compute dtype ('bfloat16' on accelerators); parameters stay float32
     m.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None | xla | splash | cudnn | chunked
     m.attention_query_chunk = 1024

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = {
     "train": "--workdir", "evaluate": "--num_videos", "reconstruct": "--save_tokens", "convert": "--checkpoint",
     "train_sit": "--workdir", "sample": "--num_videos", "encode_latents": "--passes", "prepare": "--num_shards",
-    "compile": "--topology", "demo": "--output",
+    "compile": "--topology", "demo": "--output", "train_scorer": "--eval_clips",
 }
 
 

@@ -21,7 +21,7 @@ LAYERS = [
     ("evaluate",),  # evaluate / reconstruct with a trained tokenizer
     ("generation",),  # SiT on a frozen tokenizer: latent cache, trainer, sampling
     ("convert",),  # to and from the official PyTorch format
-    ("compile", "demo", "reconstruct", "train_sit", "sample", "encode_latents", "prepare"),  # tools
+    ("compile", "demo", "reconstruct", "train_sit", "sample", "encode_latents", "prepare", "train_scorer"),  # tools
 ]
 
 

@@ -27,6 +27,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.synthetic_motion = 1.0  # scales pan, velocities and spin (0 = still pictures)
     d.synthetic_max_shapes = 3  # shapes per clip: 1 .. max_shapes
     d.synthetic_centered = False  # every shape starts at the frame's centre
+    # a fraction of the clips moves at synthetic_fast_motion instead (a static / dynamic mix)
+    d.synthetic_fast_fraction = 0.0
+    d.synthetic_fast_motion = 1.0
     # folder: root/class/*.avi|mp4|..., decoded with PyAV; eval_list = 'relative/path [start]' lines
     d.root = _optional_str()
     d.eval_list = _optional_str()

@@ -16,7 +16,7 @@ from etils import epath
 
 from coordtok_jax.data import records
 from coordtok_jax.data.shards import LazyRecords
-from coordtok_jax.data.synthetic import synthetic_clip
+from coordtok_jax.data.synthetic import clip_motion, synthetic_clip
 from coordtok_jax.data.video_io import VIDEO_EXTENSIONS, decode_window, resize_center_crop, take_window
 from coordtok_jax.errors import UserError
 from coordtok_jax.remote import check_reachable
@@ -40,12 +40,14 @@ class SyntheticSource:
 
     def __init__(self, shape, num_clips: int, seed: int, min_frames: Optional[int] = None, short_fraction: float = 0.25,
                  texture: float = 1.0, motion: float = 1.0, max_shapes: int = 3,
-                 centered: bool = False):
+                 centered: bool = False, fast_fraction: float = 0.0, fast_motion: float = 1.0):
         if num_clips <= 0:
             raise DataError(f"synthetic: config.data.num_clips must be positive, got {num_clips}")
         self.shape, self.num_clips, self.seed = tuple(shape), int(num_clips), int(seed)
         self.min_frames, self.short_fraction, self.texture = min_frames, short_fraction, float(texture)
         self.motion, self.max_shapes, self.centered = float(motion), int(max_shapes), bool(centered)
+        self.fast_fraction, self.fast_motion = float(fast_fraction), float(fast_motion)
+        clip_motion(self.seed, 0, self.motion, self.fast_fraction, self.fast_motion)  # checks the fraction
         self.name = f"synthetic(seed={seed}, {num_clips} clips)"
 
     def __len__(self):
@@ -54,11 +56,15 @@ class SyntheticSource:
     def describe(self, i):
         return f"synthetic clip {i}"
 
+    def motion_of(self, i) -> float:
+        """Clip i's motion scale (config.data.synthetic_motion, or _fast_motion for a fraction)."""
+        return clip_motion(self.seed, i, self.motion, self.fast_fraction, self.fast_motion)
+
     def load(self, i, rng):
         del rng  # deterministic per index
         video, n = synthetic_clip(self.seed, i, self.shape, min_frames=self.min_frames,
                                   short_fraction=self.short_fraction, texture=self.texture,
-                                  motion=self.motion, max_shapes=self.max_shapes,
+                                  motion=self.motion_of(i), max_shapes=self.max_shapes,
                                   centered=self.centered)
         return {"video": video, "n_frames": n, "label": -1}
 
@@ -223,7 +229,9 @@ def make_source(data, shape, *, train: bool = True):
                                texture=data.get("synthetic_texture", 1.0),
                                motion=data.get("synthetic_motion", 1.0),
                                max_shapes=data.get("synthetic_max_shapes", 3),
-                               centered=data.get("synthetic_centered", False))
+                               centered=data.get("synthetic_centered", False),
+                               fast_fraction=data.get("synthetic_fast_fraction", 0.0),
+                               fast_motion=data.get("synthetic_fast_motion", 1.0))
     if kind == "folder":
         return FolderSource(data.root, shape, None if train else data.get("eval_list"))
     if kind == "array_record":

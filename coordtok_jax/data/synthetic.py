@@ -11,6 +11,17 @@ from __future__ import annotations
 import numpy as np
 
 
+def clip_motion(seed: int, index: int, motion: float, fast_fraction: float = 0.0, fast_motion: float = 1.0) -> float:
+    """The motion scale of clip `index`: `fast_motion` for a `fast_fraction` of the clips (drawn
+    per (seed, index), independently of the clip's content), `motion` for the others."""
+    if not 0.0 <= fast_fraction <= 1.0:
+        raise ValueError(f"synthetic: config.data.synthetic_fast_fraction must be in [0, 1], got {fast_fraction}")
+    if fast_fraction == 0.0:
+        return float(motion)
+    fast = np.random.default_rng([int(seed), int(index), 7]).uniform() < fast_fraction
+    return float(fast_motion if fast else motion)
+
+
 def synthetic_clip(
     seed: int,
     index: int,

@@ -41,6 +41,7 @@ from coordtok_jax import cli
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.pipeline import distinct_count, make_sampled_dataset
 from coordtok_jax.data.video import to_model_input
+from coordtok_jax.evaluate import budgets
 from coordtok_jax.metrics.fvd import FeatureStats, fvd
 from coordtok_jax.io.runs import load_tokenizer
 from coordtok_jax.metrics.quality import frames_in_unit_range, valid_frames, video_metrics
@@ -69,9 +70,9 @@ def make_eval_step(graphdef, geometry, *, mode: str, points_per_call: Optional[i
 
     T = geometry.video_shape[0]
 
-    def step(params, lpips_state, i3d_state, video, n_frames):
+    def step(params, lpips_state, i3d_state, video, n_frames, levels=None):
         model = nnx.merge(graphdef, params)
-        planes = model.encode(to_model_input(video, n_frames, pad_value), n_frames)
+        planes = model.apply_levels(model.encode(to_model_input(video, n_frames, pad_value), n_frames), levels)
         pred = frames_in_unit_range(decode_video(model, planes, T, points_per_call, mode=mode))
         target = video.astype(jnp.float32) / 255.0
         lpips = None if lpips_graphdef is None else nnx.merge(lpips_graphdef, lpips_state)
@@ -90,10 +91,14 @@ def make_eval_step(graphdef, geometry, *, mode: str, points_per_call: Optional[i
 def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_videos: int = 10_000,
              batch: int = 0, mode: str = "all", points_per_call: Optional[int] = None,
              i3d_path: Optional[str] = None, seed: int = 0, attention_impl: Optional[str] = None,
-             output_dir: Optional[str] = None, progress: bool = True, devices=None) -> dict:
+             output_dir: Optional[str] = None, progress: bool = True, devices=None,
+             token_budget: Optional[float] = None, allocation: str = "ilp") -> dict:
     """Runs the evaluation and writes eval_STEP.json / .md; returns the results dict.
 
-    `devices` (default: all) are the devices the batch is sharded over.
+    `devices` (default: all) are the devices the batch is sharded over. `token_budget` (a nested-
+    token tokenizer only): each batch decoded with at most that fraction of its temporal-plane
+    tokens, split over the blocks by `allocation` ('uniform', or 'greedy' / 'ilp' on the scorer's
+    predictions from WORKDIR/scorer); results go to eval_STEP_budgetF_ALLOCATION.json / .md.
     """
     t0 = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
@@ -137,13 +142,16 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
         notes.append("rFVD skipped: pass --i3d=i3d_pretrained_400.pt")
 
     graphdef, params = nnx.split(model)
+    allocator = None if token_budget is None else BudgetAllocator(
+        model, graphdef, workdir, float(token_budget), allocation, float(config.data.get("pad_value", -3.0)), mesh, rules)
     step_fn = make_eval_step(graphdef, geometry, mode=mode, points_per_call=points_per_call,
                              pad_value=float(config.data.get("pad_value", -3.0)),
                              lpips_graphdef=lpips_graphdef, i3d_graphdef=i3d_graphdef)
     batch_sh = {k: sharding_lib.batch_sharding(mesh, rules, shape)
                 for k, shape in (("video", (batch, T, H, W, 3)), ("n_frames", (batch,)))}
+    batch_sh["levels"] = sharding_lib.batch_sharding(mesh, rules, (batch, 1))
     eval_step = jax.jit(step_fn, in_shardings=(replicated, replicated, replicated, batch_sh["video"],
-                                               batch_sh["n_frames"]))
+                                               batch_sh["n_frames"], batch_sh["levels"]))
     with jax.set_mesh(mesh):  # every program of the loop runs with its mesh set
         dataset = make_sampled_dataset(config.data, (T, H, W), num_videos, local_batch, seed=seed)
         per_host = -(-num_videos // jax.process_count())
@@ -156,7 +164,8 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
             local, valid = _pad_batch(local, local_batch)
             bad_files.update(int(i) for i in np.ravel(np.asarray(local["failed_records"])[valid]) if i >= 0)
             arrays = [jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k])) for k in ("video", "n_frames")]
-            out = eval_step(params, lpips_state, i3d_state, *arrays)
+            levels = None if allocator is None else allocator(params, arrays, valid)
+            out = eval_step(params, lpips_state, i3d_state, *arrays, levels)
             out = multihost_utils.process_allgather(out, tiled=True)
             keep = multihost_utils.process_allgather(valid, tiled=False).reshape(-1)
             for k in METRICS:
@@ -188,6 +197,8 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
             v = np.concatenate(values[k]).astype(np.float64)
             results[k] = float(v.mean())
             results[f"{k}_std"] = float(v.std())
+    if allocator is not None:
+        results.update(allocator.summary(geometry))
     if real.count >= 2:
         results["rfvd"] = fvd(real, fake)
     elif i3d_path:
@@ -195,6 +206,57 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
     if jax.process_index() == 0:
         write_results(results, output_dir or workdir)
     return results
+
+
+class BudgetAllocator:
+    """Per batch: the scorer's predictions (or none, for 'uniform') -> per-block levels under the
+    budget (evaluate/budgets.py), as a global array sharded like the batch."""
+
+    def __init__(self, model, graphdef, workdir, fraction, method, pad_value, mesh, rules):
+        self.nt = budgets.require_nested(model, "--token_budget")
+        self.fraction, self.method, self.mesh, self.rules = fraction, method, mesh, rules
+        self.predict = None
+        if method != "uniform":
+            scorer, _ = budgets.load_scorer(workdir, self.nt, model.geometry.channels)
+            scorer_graphdef, scorer_state = nnx.split(scorer)
+            self.scorer_state = jax.device_put(scorer_state, sharding_lib.replicated(mesh))
+            self.predict = jax.jit(budgets.make_predict(graphdef, scorer_graphdef, pad_value))
+        self.chosen = []
+
+    def __call__(self, params, arrays, valid_clips) -> jax.Array:
+        video, n_frames = arrays
+        batch = video.shape[0]
+        n = np.asarray(multihost_utils.process_allgather(n_frames, tiled=True))
+        valid = budgets.valid_blocks(n, video.shape[1], self.nt)
+        if self.predict is None:
+            scores = np.zeros((batch, self.nt.blocks, len(self.nt.levels)))
+        else:
+            scores = np.asarray(multihost_utils.process_allgather(
+                self.predict(params, self.scorer_state, video, n_frames), tiled=True))
+        levels = budgets.allocate(scores, valid, self.nt, self.fraction, self.method)
+        keep = np.asarray(multihost_utils.process_allgather(valid_clips, tiled=False)).reshape(-1)
+        self.chosen.append(levels[keep])
+        sh = sharding_lib.batch_sharding(self.mesh, self.rules, levels.shape)
+        return jax.make_array_from_callback(levels.shape, sh, lambda idx: levels[idx])
+
+    def summary(self, geometry) -> dict:
+        chosen = np.concatenate(self.chosen) if self.chosen else np.zeros((0, self.nt.blocks), np.int32)
+        temporal = self.nt.tokens(chosen) if len(chosen) else np.zeros(0)
+        return {"token_budget": self.fraction, "allocation": self.method,
+                "temporal_tokens_per_video": float(temporal.mean()) if len(temporal) else None,
+                "full_temporal_tokens": self.nt.full_tokens,
+                "tokens_per_video": float(geometry.latent_xy ** 2 + temporal.mean()) if len(temporal) else None,
+                "level_histogram": np.bincount(chosen.reshape(-1), minlength=len(self.nt.levels)).tolist(),
+                "levels": list(self.nt.levels),
+                "allocations": chosen.tolist()}  # per evaluated video, per block: the level index
+
+
+def results_name(results: dict) -> str:
+    """eval_STEP, or eval_STEP_budgetF_ALLOCATION for a token-budget evaluation."""
+    name = f"eval_{results['step']}"
+    if results.get("token_budget") is not None:
+        name += f"_budget{results['token_budget']:g}_{results['allocation']}"
+    return name
 
 
 def markdown(results: dict) -> str:
@@ -211,6 +273,11 @@ def markdown(results: dict) -> str:
         f"| {fmt('rfvd', '.1f')} | {fmt('psnr', '.2f')} | {fmt('ssim', '.4f')} | {fmt('lpips', '.4f')} | "
         f"{results['tokens_per_video']} |",
     ]
+    if results.get("token_budget") is not None:
+        lines += ["", f"Token budget {results['token_budget']:g} of the temporal-plane tokens, allocated by "
+                      f"`{results['allocation']}`: {results['temporal_tokens_per_video']:.1f} of "
+                      f"{results['full_temporal_tokens']} temporal tokens per video on average; blocks per level "
+                      f"{dict(zip(results['levels'], results['level_histogram']))}."]
     lines += [""] + [f"- {n}" for n in results["notes"]] if results["notes"] else []
     return "\n".join(lines) + "\n"
 
@@ -218,8 +285,9 @@ def markdown(results: dict) -> str:
 def write_results(results: dict, directory: str) -> None:
     d = epath.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    (d / f"eval_{results['step']}.json").write_text(json.dumps(results, indent=2))
-    (d / f"eval_{results['step']}.md").write_text(markdown(results))
+    name = results_name(results)
+    (d / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (d / f"{name}.md").write_text(markdown(results))
 
 
 # The command line: python -m coordtok_jax.evaluate (console script coordtok-evaluate).
@@ -243,16 +311,20 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of the clip draw.")
     flags.DEFINE_string("attention", None, "Override config.model.attention_impl (e.g. chunked on CPU, cudnn).")
     flags.DEFINE_string("output_dir", None, "Where to write eval_STEP.json/.md (default: --workdir).")
+    flags.DEFINE_float("token_budget", None, "Nested-token tokenizers: at most this fraction of the temporal-plane "
+                       "tokens per batch (e.g. 0.5).")
+    flags.DEFINE_enum("allocation", "ilp", list(budgets.METHODS), "How --token_budget is split over the temporal "
+                      "blocks: uniform, or greedy / ilp on the scorer's predictions (python -m coordtok_jax.train_scorer).")
 
 
 def main(argv):
     results = evaluate(FLAGS.workdir, config=FLAGS.config, step=FLAGS.step, num_videos=FLAGS.num_videos,
                        batch=FLAGS.batch, mode=FLAGS.mode, points_per_call=FLAGS.points_per_call,
                        i3d_path=FLAGS.i3d, seed=FLAGS.seed, attention_impl=FLAGS.attention,
-                       output_dir=FLAGS.output_dir)
+                       output_dir=FLAGS.output_dir, token_budget=FLAGS.token_budget, allocation=FLAGS.allocation)
     print(markdown(results))
-    print(f"wrote {FLAGS.output_dir or FLAGS.workdir}/eval_{results['step']}.json")
+    print(f"wrote {FLAGS.output_dir or FLAGS.workdir}/{results_name(results)}.json")
 
 
 def run():
-    cli.run(__name__, define_flags, main, errors=(ValueError,), required=("workdir",))
+    cli.run(__name__, define_flags, main, errors=(ValueError, FileNotFoundError), required=("workdir",))

@@ -12,6 +12,7 @@ from flax import nnx
 from coordtok_jax.models.config import Geometry, make_compute, validate
 from coordtok_jax.models.decoder import Decoder
 from coordtok_jax.models.encoder import Encoder, learned
+from coordtok_jax.models import nested as nested_lib
 
 
 class CoordTok(nnx.Module):
@@ -31,6 +32,8 @@ class CoordTok(nnx.Module):
     `decode(planes, coords)`: coords (B, N, 3) = (t, x, y) patch-start coordinates in [0, 1]
     (index / (grid - 1)) -> (B, N, pt * px * py * 3) float32 in (pt, px, py, 3) order. All N
     points of a video attend to each other. Both are pure functions of their arguments.
+    With config.model.nested_tokens (models/nested.py, off by default), `apply_levels(planes,
+    levels)` puts each temporal block at a token budget before `decode`.
     """
 
     def __init__(self, config: Any, *, rngs: nnx.Rngs, axis_rules=None):
@@ -44,6 +47,10 @@ class CoordTok(nnx.Module):
         self.weight_tokens_xt = learned(rngs, (1, g.latent_t, g.latent_xy, c), (None,) * 4)
         self.encoder = Encoder(config, g, compute, rngs)
         self.decoder = Decoder(config, g, compute, rngs)
+        self.nested = nested_lib.nested_tokens(config, g)
+        if self.nested is not None:  # only then: the official parameter tree is unchanged
+            self.nested_fill_yt = nnx.Param(jnp.zeros((c,), jnp.float32))
+            self.nested_fill_xt = nnx.Param(jnp.zeros((c,), jnp.float32))
 
     def _check_video(self, video: jax.Array) -> None:
         want = self.geometry.video_shape
@@ -95,8 +102,22 @@ class CoordTok(nnx.Module):
             )
         return self.decoder(planes, coords)
 
-    def __call__(self, video: jax.Array, n_frames: Optional[jax.Array], coords: jax.Array) -> jax.Array:
-        return self.decode(self.encode(video, n_frames), coords)
+    def apply_levels(self, planes, levels: Optional[jax.Array]):
+        """planes with each temporal block of video b at level levels[b, block] (an index into
+        config.model.token_levels); levels None = the planes unchanged (the full budget)."""
+        if levels is None:
+            return tuple(planes)
+        if self.nested is None:
+            raise ValueError("token levels need a model with config.model.nested_tokens=True")
+        z_xy, z_yt, z_xt = planes
+        if not isinstance(levels, jax.core.Tracer):
+            nested_lib.check_levels(levels, z_xy.shape[0], self.nested)
+        return (z_xy, nested_lib.apply_levels(z_yt, levels, self.nested_fill_yt[...], self.nested),
+                nested_lib.apply_levels(z_xt, levels, self.nested_fill_xt[...], self.nested))
+
+    def __call__(self, video: jax.Array, n_frames: Optional[jax.Array], coords: jax.Array,
+                 levels: Optional[jax.Array] = None) -> jax.Array:
+        return self.decode(self.apply_levels(self.encode(video, n_frames), levels), coords)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -154,16 +154,18 @@ class Buffer(nnx.Variable):
     """Non-trainable state saved with the model (a PyTorch Parameter with requires_grad=False)."""
 
 
-def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
-    """(grid_size**2, embed_dim) float32: the MAE / DiT `get_2d_sincos_pos_embed` table.
+def sincos_2d(embed_dim: int, grid_size) -> np.ndarray:
+    """(rows * cols, embed_dim) float32: the MAE / DiT `get_2d_sincos_pos_embed` table.
 
-    Token n = i * grid_size + j (row i, column j). Channels [0, D/2) encode the column j and
-    [D/2, D) the row i (the official meshgrid(w, h) puts w first); each half is
-    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000 ** (-k / (D/4)), computed in float64.
+    grid_size = rows = cols, or (rows, cols). Token n = i * cols + j (row i, column j).
+    Channels [0, D/2) encode the column j and [D/2, D) the row i (the official meshgrid(w, h) puts
+    w first); each half is [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000 ** (-k / (D/4)),
+    computed in float64.
     """
+    n_rows, n_cols = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
     omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
-    pos = np.arange(grid_size, dtype=np.float32)
-    rows, cols = np.repeat(pos, grid_size), np.tile(pos, grid_size)
+    rows = np.repeat(np.arange(n_rows, dtype=np.float32), n_cols)
+    cols = np.tile(np.arange(n_cols, dtype=np.float32), n_rows)
 
     def one(p):
         out = np.outer(p, omega)
@@ -326,7 +328,14 @@ class TriplaneSiT(nnx.Module):
         self.learn_sigma = bool(config.learn_sigma)
         self.pos_embed_xy = Buffer(jnp.asarray(sincos_2d(d, g.grids[0][0])[None]),
                                    out_sharding=(None, None, "embed"), eager_sharding=False)
-        self.pos_embed_t = nnx.Param(named(ZEROS, (None, None, "embed"))(rngs.params(), (1, g.num_tokens[1], d)))
+        # Official: pos_embed_t starts at zero (the yt / xt tokens carry no position until it is
+        # learned); 'sincos' starts it at the 2D sin-cos table of the (Rt/p, Rxy/p) grid.
+        init_t = config.get("pos_embed_t_init", "zeros")
+        if init_t not in ("zeros", "sincos"):
+            raise ValueError(f"config.model.pos_embed_t_init must be 'zeros' (official) or 'sincos', got {init_t!r}")
+        table_t = sincos_2d(d, g.grids[1])[None]
+        init = ZEROS if init_t == "zeros" else (lambda key, shape, dtype=jnp.float32: jnp.asarray(table_t, dtype))
+        self.pos_embed_t = nnx.Param(named(init, (None, None, "embed"))(rngs.params(), (1, g.num_tokens[1], d)))
         self.type_embed = learned(rngs, (1, 3, d), (None, None, "embed"))
         self.x_embedder_xy = PatchEmbed(c, d, p, compute, rngs)
         self.x_embedder_yt = PatchEmbed(c, d, p, compute, rngs)

@@ -21,6 +21,7 @@ from flax import nnx
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.data.video import to_model_input
 from coordtok_jax.models import validate
+from coordtok_jax.models import nested as nested_lib
 from coordtok_jax.models.patches import indices_to_coords
 from coordtok_jax.train import flops as flops_lib
 from coordtok_jax.train import points as points_lib
@@ -48,6 +49,7 @@ def make_loss_fn(graphdef, geometry, config, lpips_graphdef=None):
     use_lpips = stage == 2 and config.lpips_weight > 0
     if use_lpips and lpips_graphdef is None:
         raise ValueError("config.lpips_weight > 0 needs the LPIPS network (config.lpips.vgg_path / lin_path)")
+    nested = nested_lib.nested_tokens(config.model, geometry)  # None: the official model
     rules = sharding_lib.rules_of(config)
     points = lambda x: sharding_lib.constrain(x, (sharding_lib.BATCH, "activation_length", None), rules)
     images = lambda x: sharding_lib.constrain(x, (sharding_lib.BATCH, None, None, None), rules)
@@ -61,7 +63,11 @@ def make_loss_fn(graphdef, geometry, config, lpips_graphdef=None):
         coords = indices_to_coords(idx, geometry.dec_grid)
         targets = points(points_lib.gather_targets(video, idx, geometry))
         model = nnx.merge(graphdef, params)
-        pred = points(model(to_model_input(video, n_frames, config.data.pad_value), n_frames, coords))
+        # Nested tokens: every (video, temporal block) at a random budget, drawn on device (a key
+        # of its own, so that the official model's coordinates and dropout keys are unchanged).
+        levels = None if nested is None else nested_lib.sample_levels(
+            jax.random.fold_in(key, 17), video.shape[0], nested)
+        pred = points(model(to_model_input(video, n_frames, config.data.pad_value), n_frames, coords, levels))
         l2 = jnp.mean((pred - targets) ** 2, axis=(1, 2))
         per_video = l2
         metrics = {"l2": jnp.mean(l2)}

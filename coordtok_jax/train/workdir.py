@@ -37,6 +37,13 @@ RESUMABLE = (
     "sample.",
 )
 
+# Fields added after runs were saved without them: absent in a saved config.json and at this value
+# in the requested one, they are the same model (the options that are off by default).
+ABSENT_MEANS = {
+    "model.nested_tokens": False, "model.token_blocks": 4, "model.token_levels": [0.25, 0.5, 0.75, 1.0],
+    "model.pos_embed_t_init": "zeros", "data.synthetic_fast_fraction": 0.0, "data.synthetic_fast_motion": 1.0,
+}
+
 LOCK_NAME = "LOCK"
 STALE_SECONDS = 30 * 60  # a lock from another host not refreshed for this long is stale
 
@@ -57,7 +64,7 @@ def config_differences(saved: dict, requested: dict) -> tuple[list[str], list[st
     refused, accepted = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if a == b:
+        if a == b or (a == "<absent>" and key in ABSENT_MEANS and json.loads(json.dumps(b)) == ABSENT_MEANS[key]):
             continue
         line = f"{key}: {json.dumps(a)} -> {json.dumps(b)}"
         (accepted if any(key == p or key.startswith(p) for p in RESUMABLE) else refused).append(line)
