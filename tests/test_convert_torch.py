@@ -309,3 +309,27 @@ def test_cli_bad_config_exit_code(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "missing keys" in r.stderr and "hint:" in r.stderr
     assert not (tmp_path / "w").exists()  # nothing written on failure
+
+
+def test_nested_token_runs_export_only_when_told_and_import_with_zero_fills(tmp_path):
+    config = coordtok.get_config("tiny,tokens=nested")
+    params = dict(model_params(jax_model(coordtok.get_config("tiny").model, 6)),
+                  nested_fill_yt=np.linspace(-1, 1, 8).astype(np.float32), nested_fill_xt=np.ones(8, np.float32))
+    assert set(abstract_params(config.model)) == set(params)
+    save_params(str(tmp_path / "run"), params, config, step=4)
+    out = tmp_path / "nested.pth"
+    with pytest.raises(ValueError, match="nested triplane tokens .* pass --drop_nested"):
+        commands.torch_export(str(tmp_path / "run"), str(out))
+    assert not out.exists()
+    s = commands.torch_export(str(tmp_path / "run"), str(out), drop_nested=True)
+    assert s["dropped"] == list(commands.NESTED_PARAMS) and s["tensors"] == 105  # the official keys, nothing else
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    plain = {k: v for k, v in params.items() if k not in commands.NESTED_PARAMS}
+    ref = to_torch_state_dict(plain)
+    assert all(torch.equal(ckpt["model"]["module." + k], v) for k, v in ref.items())
+    # the released weights can start a nested-token run: the fills start at zero
+    s = commands.torch_import(str(out), config, str(tmp_path / "imported"))
+    assert s["started"] == list(commands.NESTED_PARAMS)
+    got, _ = restore_params(str(tmp_path / "imported"), abstract_params(config.model))
+    np.testing.assert_array_equal(np.asarray(got["nested_fill_yt"]), np.zeros(8, np.float32))
+    np.testing.assert_array_equal(np.asarray(got["encoder"]["cross_pos_emb"]), plain["encoder"]["cross_pos_emb"])

@@ -57,6 +57,8 @@ def define_flags():
                                     lock_config=True)
     flags.DEFINE_bool("module_prefix", True, "torch-export: prefix keys with DDP's 'module.' as the released file does.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --output file / checkpoints in --workdir.")
+    flags.DEFINE_bool("drop_nested", False, "torch-export of a nested-token run: leave out its fill parameters "
+                      "(the official format has none), instead of refusing.")
     flags.DEFINE_string("latent_stats", None, "sit-import: JSON with the latent 'mean' and 'std' (3 planes x C), "
                         "as train_sit writes (WORKDIR/latent_stats.json).")
 
@@ -72,17 +74,41 @@ def _export_source(workdir: str, output: str, step, overwrite: bool, kind: str, 
     return directory, step, config
 
 
-def torch_export(workdir: str, output: str, step=None, *, module_prefix: bool = True, overwrite: bool = False) -> dict:
-    """Writes the checkpoint of `workdir` (latest or `step`) as an official .pth; returns a summary."""
+# Parameters of options the official model does not have (nested triplane tokens, issue 17).
+NESTED_PARAMS = ("nested_fill_yt", "nested_fill_xt")
+
+
+def torch_export(workdir: str, output: str, step=None, *, module_prefix: bool = True, overwrite: bool = False,
+                 drop_nested: bool = False) -> dict:
+    """Writes the checkpoint of `workdir` (latest or `step`) as an official .pth; returns a summary.
+
+    A run with nested triplane tokens has parameters the official format has no key for: refused
+    unless `drop_nested` (the exported model then decodes the full planes only)."""
     out = epath.Path(output)
+    if config_nested(workdir, step) and not drop_nested:
+        raise ValueError(f"{workdir} was trained with nested triplane tokens (config.model.nested_tokens): the "
+                         f"official format has no place for {', '.join(NESTED_PARAMS)}; pass --drop_nested to "
+                         "export without them (the official model then decodes at the full token budget only)")
     directory, step, config = _export_source(workdir, output, step, overwrite, "tokenizer", "torch-export")
     validate(config.model)
     params, step = restore_params(str(directory.parent), abstract_params(config.model), step)
+    dropped = [k for k in NESTED_PARAMS if k in params]
+    params = {k: v for k, v in params.items() if k not in NESTED_PARAMS}
     state_dict = to_torch_state_dict(params)
     save_checkpoint(state_dict, out, module_prefix=module_prefix, step=step,
                     config=config_to_json(config.model))
     n = sum(int(v.numel()) for v in state_dict.values())
-    return dict(step=step, tensors=len(state_dict), parameters=n, output=str(out))
+    return dict(step=step, tensors=len(state_dict), parameters=n, output=str(out), dropped=dropped)
+
+
+def config_nested(workdir: str, step=None) -> bool:
+    """Whether the run's checkpoint config has nested triplane tokens (False when unreadable:
+    the export then reports what is wrong)."""
+    try:
+        _, step = resolve_step(workdir, step)
+        return bool(read_config(workdir, step).model.get("nested_tokens", False))
+    except Exception:  # noqa: BLE001 - the export's own checks name the problem
+        return False
 
 
 def torch_import(checkpoint: str, config, workdir: str, *, overwrite: bool = False) -> dict:
@@ -94,12 +120,15 @@ def torch_import(checkpoint: str, config, workdir: str, *, overwrite: bool = Fal
     raw = read_checkpoint(checkpoint)
     arrays, skipped = official_numpy(raw, source=str(checkpoint))
     params = from_official(arrays, config.model, source=str(checkpoint))
+    started = [k for k in NESTED_PARAMS if config.model.get("nested_tokens", False)]
+    for k in started:  # a nested-token run from released weights: the fills start at zero
+        params[k] = np.zeros((config.model.latent_n_features,), np.float32)
     if ckpt_dir.exists() and overwrite:
         ckpt_dir.rmtree()
     path = save_params(workdir, jax.tree.map(jax.numpy.asarray, params), config, step=0)
     (epath.Path(workdir) / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
     n = sum(int(v.size) for v in jax.tree.leaves(params))
-    return dict(tensors=len(arrays), parameters=n, skipped=len(skipped), checkpoint=str(path))
+    return dict(tensors=len(arrays), parameters=n, skipped=len(skipped), checkpoint=str(path), started=started)
 
 
 def sit_export(workdir: str, output: str, step=None, *, overwrite: bool = False) -> dict:
@@ -180,9 +209,11 @@ def main(argv):
         if not FLAGS.workdir or not FLAGS.output:
             raise app.UsageError("torch-export needs --workdir and --output")
         s = torch_export(FLAGS.workdir, FLAGS.output, FLAGS.step,
-                         module_prefix=FLAGS.module_prefix, overwrite=FLAGS.overwrite)
+                         module_prefix=FLAGS.module_prefix, overwrite=FLAGS.overwrite, drop_nested=FLAGS.drop_nested)
         print(f"wrote {s['output']}: step {s['step']}, {s['tensors']} tensors, {s['parameters']:,} parameters "
               f"({time.perf_counter() - t0:.1f} s)")
+        if s["dropped"]:
+            print(f"dropped {', '.join(s['dropped'])} (nested tokens): the exported model decodes full planes only")
     elif command == "sit-export":
         if not FLAGS.workdir or not FLAGS.output:
             raise app.UsageError("sit-export needs --workdir and --output")
@@ -200,6 +231,7 @@ def main(argv):
             raise app.UsageError("torch-import needs --checkpoint, --config and --workdir")
         s = torch_import(FLAGS.checkpoint, FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
         skipped = f", skipped {s['skipped']} LPIPS tensors" if s["skipped"] else ""
+        skipped += f", {' and '.join(s['started'])} start at zero (nested tokens)" if s["started"] else ""
         print(f"wrote {s['checkpoint']}: {s['tensors']} tensors, {s['parameters']:,} parameters{skipped} "
               f"({time.perf_counter() - t0:.1f} s)\n"
               f"start a run from it with --config.init_from={FLAGS.workdir} and a new --workdir")

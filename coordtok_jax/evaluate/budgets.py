@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx, serialization
 
 from coordtok_jax.data.video import to_model_input
-from coordtok_jax.metrics.quality import frames_in_unit_range, valid_frames
+from coordtok_jax.metrics.quality import frames_in_unit_range, psnr_per_frame, valid_frames
 from coordtok_jax.models import token_budget
 from coordtok_jax.models.decode_video import decode_video
 from coordtok_jax.models.nested import NestedTokens, block_of_frames, uniform_levels
@@ -44,8 +44,7 @@ def require_nested(model, what: str) -> NestedTokens:
 def block_psnr(pred: jax.Array, target: jax.Array, n_frames: jax.Array, nt: NestedTokens):
     """pred, target (B, T, H, W, 3) in [0, 1] -> (psnr (B, blocks), valid (B, blocks) bool)."""
     T = pred.shape[1]
-    mse = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=(2, 3, 4))
-    frame_psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+    frame_psnr = psnr_per_frame(pred, target)  # (B, T)
     keep = valid_frames(T, n_frames).astype(jnp.float32)  # (B, T)
     member = jnp.asarray(block_of_frames(T, nt)[:, None] == np.arange(nt.blocks)[None], jnp.float32)  # (T, blocks)
     count = keep @ member
