@@ -170,13 +170,20 @@ def test_train_step_draws_a_budget_per_block_and_trains_the_fills(devices):
     key = jax.random.PRNGKey(3)
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, video, n_frames, key)
 
-    model = nnx.merge(plan.graphdef, params)
     k_coords, _ = jax.random.split(key)
-    idx = points.sample_stage1(k_coords, n_frames, geometry, config.num_points)
-    levels = sample_levels(jax.random.fold_in(key, 17), 4, model.nested)
+    nt = nnx.merge(plan.graphdef, params).nested
+    levels = sample_levels(jax.random.fold_in(key, 17), 4, nt)
     assert levels.shape == (4, 2) and int(levels.min()) >= 0 and int(levels.max()) < 4
-    pred = model(to_model_input(video, n_frames, config.data.pad_value), n_frames,
-                 indices_to_coords(idx, geometry.dec_grid), levels)
-    want = jnp.mean((pred - points.gather_targets(video, idx, geometry)) ** 2)
+
+    @jax.jit
+    def reference(params, levels):
+        model = nnx.merge(plan.graphdef, params)
+        idx = points.sample_stage1(k_coords, n_frames, geometry, config.num_points)
+        pred = model(to_model_input(video, n_frames, config.data.pad_value), n_frames,
+                     indices_to_coords(idx, geometry.dec_grid), levels)
+        return jnp.mean((pred - points.gather_targets(video, idx, geometry)) ** 2)
+
+    want = reference(params, levels)
+    assert float(reference(params, jnp.full_like(levels, 3))) != pytest.approx(float(want), rel=1e-6)
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
     assert float(jnp.abs(grads["nested_fill_yt"]).sum()) > 0 and float(jnp.abs(grads["nested_fill_xt"]).sum()) > 0

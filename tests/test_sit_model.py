@@ -173,6 +173,14 @@ def test_sincos_table_matches_an_independent_computation():
     cols = np.tile(np.arange(8.0), 8)
     np.testing.assert_allclose(big[:, 0], np.sin(cols), atol=1e-7)
     np.testing.assert_allclose(big[:, 256 + 1], np.cos(cols * 10000 ** (-1 / 256)), atol=1e-7)
+    # a rectangular grid (the yt / xt planes: Rt/p rows, Rxy/p columns), token n = row * cols + col
+    rect = sincos_2d(d, (3, 5))
+    for i in range(3):
+        for j in range(5):
+            k = np.arange(q)
+            w = 10000.0 ** (-k / q)
+            np.testing.assert_allclose(rect[i * 5 + j], np.concatenate(
+                [np.sin(j * w), np.cos(j * w), np.sin(i * w), np.cos(i * w)]), atol=1e-6)
     t = np.array([0.0, 0.25, 1.0], np.float32)
     freqs = np.exp(-math.log(10000) * np.arange(128) / 128)
     np.testing.assert_allclose(timestep_embedding(jnp.asarray(t)),
@@ -180,6 +188,21 @@ def test_sincos_table_matches_an_independent_computation():
 
 
 # ---- initialisation and forward --------------------------------------------------------------
+
+def test_pos_embed_t_starts_at_zero_or_at_the_sincos_table():
+    cfg = sit.get_config("tiny").model
+    assert cfg.pos_embed_t_init == "zeros"
+    zeros = TriplaneSiT(cfg, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(zeros.pos_embed_t[...]), 0.0)
+    cfg.pos_embed_t_init = "sincos"
+    table = TriplaneSiT(cfg, rngs=nnx.Rngs(0))
+    grid = table.geometry.grids[1]
+    np.testing.assert_array_equal(np.asarray(table.pos_embed_t[...])[0], sincos_2d(cfg.hidden_size, grid))
+    assert isinstance(table.pos_embed_t, nnx.Param)  # still learned: same parameter tree as the official
+    cfg.pos_embed_t_init = "ones"
+    with pytest.raises(ValueError, match="pos_embed_t_init must be 'zeros'"):
+        TriplaneSiT(cfg, rngs=nnx.Rngs(0))
+
 
 def test_official_initialisation_gives_zero_output():
     cfg = sit.model_config("tiny")
