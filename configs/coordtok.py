@@ -103,6 +103,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.nested_tokens = False
     m.token_blocks = 4
     m.token_levels = (0.25, 0.5, 0.75, 1.0)
+    m.token_order = "time_first"  # or 'coarse_to_fine' (models/nested.py)
     return m
 
 

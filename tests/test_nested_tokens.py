@@ -12,7 +12,7 @@ from flax import nnx
 from coordtok_jax.models.config import ConfigError, validate
 from coordtok_jax.models.coordtok import CoordTok
 from coordtok_jax.models.nested import (apply_levels, block_of_frames, fill_sources, levels_for_fraction,
-                                        nested_tokens, refinement_order)
+                                        nested_tokens, refinement_order, time_first_order)
 
 
 def _cfg(**overrides):
@@ -31,10 +31,25 @@ def test_order_is_a_permutation_and_a_quarter_is_the_stride_two_lattice(rows, co
     assert set(order[: len(lattice)].tolist()) == lattice  # coarse before fine
 
 
+@pytest.mark.parametrize("rows, cols", [(4, 16), (2, 8), (3, 5), (8, 4)])
+def test_time_first_order_keeps_whole_rows_coarse_to_fine(rows, cols):
+    order = time_first_order(rows, cols)
+    assert sorted(order.tolist()) == list(range(rows * cols))
+    row_of = order // cols
+    firsts = [int(row_of[k * cols]) for k in range(rows)]
+    assert all(set(row_of[k * cols:(k + 1) * cols].tolist()) == {firsts[k]} for k in range(rows))  # whole rows
+    assert firsts[0] == 0 and (rows < 3 or firsts[1] == 2 ** int(np.floor(np.log2(rows - 1))))  # coarse first
+    # a quarter of a 4-row block is its first row: a still clip (rows all equal) loses nothing
+    if rows == 4:
+        src = fill_sources(order, rows, cols, cols)
+        np.testing.assert_array_equal(src, np.tile(np.arange(cols), rows))
+
+
 @pytest.mark.parametrize("keep", [1, 5, 16, 33, 64])
-def test_fill_sources_point_at_the_nearest_kept_cell(keep):
+@pytest.mark.parametrize("make_order", [refinement_order, time_first_order])
+def test_fill_sources_point_at_the_nearest_kept_cell(keep, make_order):
     rows, cols = 4, 16
-    order = refinement_order(rows, cols)
+    order = make_order(rows, cols)
     src = fill_sources(order, rows, cols, keep)
     kept = set(order[:keep].tolist())
     for cell in range(rows * cols):
@@ -108,7 +123,7 @@ def test_decoding_at_a_budget_uses_only_the_prefix(nested_model):
 def test_option_off_is_the_official_model():
     off = coordtok.get_config("tiny").model
     plain = ml_collections.ConfigDict({k: v for k, v in off.to_dict().items()
-                                       if k not in ("nested_tokens", "token_blocks", "token_levels")})
+                                       if k not in ("nested_tokens", "token_blocks", "token_levels", "token_order")})
     a, b = CoordTok(off, rngs=nnx.Rngs(0)), CoordTok(plain, rngs=nnx.Rngs(0))
     sa, sb = nnx.to_pure_dict(nnx.state(a, nnx.Param)), nnx.to_pure_dict(nnx.state(b, nnx.Param))
     assert jax.tree.structure(sa) == jax.tree.structure(sb)
@@ -130,6 +145,8 @@ def test_config_errors_name_the_field(nested_model):
         CoordTok(_cfg(token_levels=(0.5, 0.25, 1.0)), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="token_levels must be fractions"):
         CoordTok(_cfg(token_levels=(0.25, 0.5)), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="token_order must be one of"):
+        CoordTok(_cfg(token_order="random"), rngs=nnx.Rngs(0))
     nt = nested_model.nested
     planes = nested_model.encode(jnp.zeros((1, 16, 32, 32, 3)))
     with pytest.raises(ValueError, match=r"token levels must be \(1, 4\) integers"):

@@ -2,9 +2,11 @@
 
 A token is one latent cell (the paper's count: 1280 = 16x16 + 2 x 32x16 for the released model).
 With `config.model.nested_tokens = True` the temporal planes z_yt and z_xt (Rt, Rxy, C) are cut
-into `token_blocks` temporal blocks of Rt / token_blocks rows; the cells of a block are ranked in
-a coarse-to-fine order (`refinement_order`), and a budget of k tokens keeps the first k cells of
-the block in each of the two temporal planes. A dropped cell takes the value of its nearest kept
+into `token_blocks` temporal blocks of Rt / token_blocks rows; the cells of a block are ranked
+(`config.model.token_order`: 'time_first', the default, whole latent rows in coarse-to-fine
+temporal order, see `time_first_order`; or 'coarse_to_fine', a 2D lattice refinement, see
+`refinement_order`), and a budget of k tokens keeps the first k cells of the block in each of the
+two temporal planes. A dropped cell takes the value of its nearest kept
 cell (so a prefix is a coarser sampling of the block, not a hole) plus a learned per-channel
 fill offset (`nested_fill_yt` / `nested_fill_xt`, zero at start). The content plane z_xy keeps
 its full size.
@@ -75,6 +77,37 @@ class NestedTokens:
         return 2 * self.blocks * self.cells
 
 
+def _coarse_to_fine_1d(n: int) -> list[int]:
+    """0..n-1 with the coarsest lattice first: 0, n/2, n/4, 3n/4, ... (each stride's new points in order)."""
+    stride = 1
+    while stride * 2 < n:
+        stride *= 2
+    out, seen = [], set()
+    while stride >= 1:
+        for i in range(0, n, stride):
+            if i not in seen:
+                out.append(i)
+                seen.add(i)
+        stride //= 2
+    return out
+
+
+def time_first_order(rows: int, cols: int) -> np.ndarray:
+    """Cell indices (row-major) of a rows x cols block, whole latent rows (time steps) first.
+
+    Rows come in coarse-to-fine temporal order (0, rows/2, rows/4, 3 rows/4, ...), and within a
+    row the columns coarse-to-fine: a budget of k whole rows keeps full spatial resolution at
+    1/k of the temporal resolution, which costs a still clip nothing and a moving one its motion.
+    """
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"a block needs positive rows and cols, got {rows} x {cols}")
+    col_order = _coarse_to_fine_1d(cols)
+    return np.asarray([r * cols + c for r in _coarse_to_fine_1d(rows) for c in col_order], np.int64)
+
+
+ORDERS = ("time_first", "coarse_to_fine")
+
+
 def refinement_order(rows: int, cols: int) -> np.ndarray:
     """Cell indices (row-major) of a rows x cols grid in coarse-to-fine order.
 
@@ -125,7 +158,7 @@ def nested_tokens(cfg: Any, geometry: Geometry) -> Optional[NestedTokens]:
     Fields (all optional, so configs without them are the official model):
       nested_tokens (bool, default False), token_blocks (int, default 4: must divide
       latent_resolution_t), token_levels (fractions of a block's cells, ascending in (0, 1], the
-      last 1.0; default 0.25, 0.5, 0.75, 1.0).
+      last 1.0; default 0.25, 0.5, 0.75, 1.0), token_order ('time_first' or 'coarse_to_fine').
     """
     on = _field(cfg, "nested_tokens", False)
     if not isinstance(on, bool):
@@ -149,7 +182,10 @@ def nested_tokens(cfg: Any, geometry: Geometry) -> Optional[NestedTokens]:
         raise ConfigError(
             f"config.model.token_levels must be fractions of a block's {cells} cells, strictly increasing "
             f"in whole cells, the first >= 1 cell and the last 1.0; got {fractions!r} (= {levels} cells)")
-    order = refinement_order(rows, cols)
+    kind = _field(cfg, "token_order", "time_first")
+    if kind not in ORDERS:
+        raise ConfigError(f"config.model.token_order must be one of {ORDERS}, got {kind!r}")
+    order = time_first_order(rows, cols) if kind == "time_first" else refinement_order(rows, cols)
     sources = tuple(tuple(int(v) for v in fill_sources(order, rows, cols, k)) for k in levels)
     return NestedTokens(blocks, rows, cols, levels, tuple(int(v) for v in order), sources)
 
