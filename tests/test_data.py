@@ -395,6 +395,32 @@ def test_load_npz_equals_np_load_without_parsing_python():
         records.load_npz(b"hello")
 
 
+def test_clip_view_reads_a_record_without_copying_its_frames():
+    """The ArrayRecord source's reader: the frames of a stored record are a view into its bytes,
+    equal to a full decode; deflated records fall back to it; a wrong header is named."""
+    import io
+
+    rng = np.random.default_rng(1)
+    video = rng.integers(0, 256, (9, 6, 5, 3), dtype=np.uint8)
+    data = records.encode_clip(video, 4, "class/v.avi")
+    view = records.clip_view(data)
+    assert view["label"] == 4 and view["name"] == "class/v.avi"
+    np.testing.assert_array_equal(view["video"], video)
+    assert not view["video"].flags.owndata and not view["video"].flags.writeable  # no copy of the frames
+    full = records.decode_clip(data)
+    np.testing.assert_array_equal(full["video"], view["video"])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, video=video, label=np.int32(2), name=np.asarray("z"))
+    deflated = records.clip_view(buf.getvalue())
+    np.testing.assert_array_equal(deflated["video"], video)
+    assert deflated["label"] == 2 and deflated["video"].flags.owndata
+    lying = data.replace(b"(9, 6, 5, 3)", b"(9, 6, 9, 3)")
+    with pytest.raises(ValueError, match="video.npy does not match its header"):
+        records.clip_view(lying)
+    with pytest.raises(ValueError, match=r"not a readable clip record \(5 bytes\)"):
+        records.clip_view(b"hello")
+
+
 @pytest.mark.parametrize("name, codec, seeks", [("a.mp4", "libx264", True), ("b.avi", "mpeg4", True),
                                                 ("c.mkv", "mpeg4", False)])
 def test_window_seek_returns_the_frames_of_a_full_decode(tmp_path, monkeypatch, name, codec, seeks):

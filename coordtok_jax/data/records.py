@@ -89,3 +89,40 @@ def encode_clip(video: np.ndarray, label: int = -1, name: str = "") -> bytes:
 def decode_clip(data: bytes) -> dict:
     f = load_npz(data)
     return {"video": f["video"], "label": int(f["label"]), "name": str(f["name"])}
+
+
+def clip_view(data: bytes) -> dict:
+    """`decode_clip` without copying the frames: the video of a stored (uncompressed) record, as
+    `encode_clip` writes it, is a read-only view into `data`, so a reader copies only the window
+    it keeps. Deflated or unusual records fall back to `decode_clip`. (The ArrayRecord reader has
+    already checked the record's chunk hashes; the zip member's CRC is not recomputed here.)"""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            info = z.getinfo("video.npy")
+            small = {n[:-4]: _read_npy(z.open(n), n) for n in ("label.npy", "name.npy")}
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"not a readable clip record ({len(data)} bytes): {e}") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        return decode_clip(data)
+    local = info.header_offset
+    if data[local:local + 4] != b"PK\x03\x04":
+        raise ValueError("clip record: bad local header of video.npy")
+    name_len, extra_len = struct.unpack("<HH", data[local + 26:local + 30])
+    start = local + 30 + name_len + extra_len
+    magic = data[start:start + 8]
+    if magic[:6] != b"\x93NUMPY" or magic[6] not in (1, 2, 3):
+        return decode_clip(data)
+    size = 2 if magic[6] == 1 else 4
+    (hlen,) = struct.unpack("<H" if size == 2 else "<I", data[start + 8:start + 8 + size])
+    m = _HEADER.fullmatch(data[start + 8 + size:start + 8 + size + hlen].decode("latin1"))
+    if m is None or m.group(2) == "True":
+        return decode_clip(data)
+    dtype = np.dtype(m.group(1))
+    shape = tuple(int(d) for d in m.group(3).replace(" ", "").split(",") if d)
+    offset = start + 8 + size + hlen
+    count = int(np.prod(shape)) if shape else 1
+    if dtype.hasobject or offset + count * dtype.itemsize > len(data) or \
+            count * dtype.itemsize != info.file_size - (8 + size + hlen):
+        raise ValueError(f"clip record: video.npy does not match its header ({dtype} {shape})")
+    video = np.frombuffer(data, dtype, count, offset).reshape(shape)
+    return {"video": video, "label": int(small["label"]), "name": str(small["name"])}
