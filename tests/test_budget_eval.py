@@ -64,10 +64,17 @@ def test_block_psnr_matches_scikit_image():
     np.testing.assert_array_equal(budgets.valid_blocks(n_frames, 16, nt), np.asarray(valid))
 
 
-def test_scorer_tool_and_budget_evaluation(nested_run, tmp_path):
+def test_scorer_tool_and_budget_evaluation(nested_run, tmp_path, monkeypatch):
     saved = json.loads((nested_run / "scorer" / "scorer.json").read_text())
     assert saved["levels"] == [4, 8, 12, 16] and saved["held_out"]["blocks"] > 0
     assert saved["train"]["rmse_db"] >= 0 and len(saved["measured_mean_psnr_by_level"]) == 4
+    assert 25 <= saved["best_step"] <= 30 and saved["val_rmse_db"] >= 0  # early stopping on held-back clips
+    # a refit reuses the measurements (same checkpoint, levels, clips, seed): nothing is decoded again
+    from coordtok_jax.evaluate import token_scorer
+
+    monkeypatch.setattr(token_scorer, "measure_clips", lambda *a, **k: pytest.fail("measured again"))
+    again = train_scorer(str(nested_run), num_clips=8, eval_clips=4, steps=30, batch=4, progress=False)
+    assert again["held_out"] == saved["held_out"]
 
     model, config, _ = load_tokenizer(str(nested_run))
     nt = model.nested

@@ -146,6 +146,32 @@ def save_scorer(workdir, scorer: BlockScorer, meta: dict) -> epath.Path:
     return folder
 
 
+def save_measurements(workdir, key: dict, train: dict, held: dict) -> None:
+    """WORKDIR/scorer/measured.npz: the measured per-block PSNRs and features (train_ / held_ arrays)
+    and the JSON `key` they were measured for; written to a temporary name first."""
+    folder = epath.Path(workdir) / SCORER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".measured.npz.tmp-{os.getpid()}"
+    with tmp.open("wb") as f:
+        np.savez(f, key=np.asarray(json.dumps(key, sort_keys=True)),
+                 **{f"train_{k}": v for k, v in train.items()}, **{f"held_{k}": v for k, v in held.items()})
+    tmp.replace(folder / "measured.npz")
+
+
+def load_measurements(workdir, key: dict):
+    """(train, held) from WORKDIR/scorer/measured.npz when it was measured for `key`, else None."""
+    path = epath.Path(workdir) / SCORER_DIR / "measured.npz"
+    if not path.exists():
+        return None
+    try:
+        with path.open("rb") as f, np.load(f) as data:
+            if str(data["key"]) != json.dumps(key, sort_keys=True):
+                return None
+            return tuple({k[len(p):]: data[k] for k in data.files if k.startswith(p)} for p in ("train_", "held_"))
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: measure again
+
+
 def load_scorer(workdir, nt: NestedTokens, channels: int) -> tuple[BlockScorer, dict]:
     folder = epath.Path(workdir) / SCORER_DIR
     if not (folder / "state.msgpack").exists():
