@@ -189,7 +189,7 @@ def main(argv):
         series.append((f"{name} ({'measured' if name == 'oracle' else 'scorer'})", [p[0] for p in pts], [p[1] for p in pts]))
     if fixed:
         series.append(("fixed-token model", [1.0], [fixed["all"]]))
-    pictures.line_plot(series, _PLOT.value, xlabel="share of the temporal-plane tokens", ylabel="PSNR (dB)",
+    pictures.line_plot(series, _PLOT.value, xlabel="share of the temporal-plane tokens", ylabel="dB",
                        title=f"held-out PSNR vs token budget ({len(n_frames)} clips, half still / half fast)")
     print(f"wrote {_PLOT.value}")
     if _JSON.value:

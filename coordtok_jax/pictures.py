@@ -13,7 +13,7 @@ import numpy as np
 from etils import epath
 
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (200, 200, 200)
-COLORS = ((200, 30, 30), (30, 90, 200), (30, 150, 60), (150, 60, 170))
+COLORS = ((200, 30, 30), (30, 90, 200), (30, 150, 60), (150, 60, 170), (230, 140, 20), (40, 40, 40))
 
 
 def save_png(image, path) -> None:
