@@ -135,3 +135,39 @@ def test_reconstruct_at_a_budget_saves_the_levels_and_decodes_them_back(nested_r
     assert second["psnr"] == pytest.approx(first["psnr"], abs=1e-4) and second["tokens"] == first["tokens"]
     with pytest.raises(ValueError, match="saved at a token budget"):
         reconstruct(str(nested_run), str(tmp_path / "c.mp4"), from_tokens=str(tmp_path / "tok.npz"), token_budget=0.5)
+
+
+def test_latent_cache_at_a_budget_stores_levels_and_cut_planes(nested_run, tokenizer_dir, tmp_path):
+    import sit
+
+    from coordtok_jax.data.pipeline import ClipLoader
+    from coordtok_jax.data.sources import make_source
+    from coordtok_jax.generation import latent_cache
+    from coordtok_jax.generation.encode_latents import encode_latents
+    from coordtok_jax.models import ConfigError
+
+    config = sit.get_config("tiny")
+    with config.unlocked():
+        config.tokenizer, config.batch_size = str(nested_run), 8
+        config.data = load_tokenizer(str(nested_run))[1].data
+    meta = encode_latents(config, str(tmp_path / "cache"), num_clips=8, num_shards=1, progress=False,
+                          token_budget=0.5, allocation="ilp")
+    assert meta["token_budget"] == 0.5 and meta["allocation"] == "ilp" and meta["token_levels"] == [4, 8, 12, 16]
+    records = [latent_cache.LatentSource(tmp_path / "cache")[i] for i in range(8)]
+    model = load_tokenizer(str(nested_run))[0]
+    nt = model.nested
+    levels = np.stack([r["levels"] for r in records])
+    assert levels.shape == (8, nt.blocks) and nt.tokens(levels).sum() <= 0.5 * 8 * nt.full_tokens
+    data = make_source(config.data, model.geometry.video_shape, train=True)
+    loader = ClipLoader(data, config.data.seed, 0)
+    for k in (0, 6):  # the stored planes are the encoding cut at the stored levels
+        clip = loader(k, k % len(data))
+        n = jnp.asarray([clip["n_frames"]], jnp.int32)
+        planes = model.encode(to_model_input(jnp.asarray(clip["video"][None]), n), n)
+        want = model.apply_levels(planes, jnp.asarray(levels[k][None]))
+        for name, z in zip(latent_cache.PLANES, want):
+            np.testing.assert_allclose(records[k][name], np.asarray(z)[0], rtol=1e-5, atol=1e-5)
+    with config.unlocked():
+        config.tokenizer = str(tokenizer_dir)
+    with pytest.raises(ConfigError, match="nested_tokens=True"):
+        encode_latents(config, str(tmp_path / "c2"), num_clips=8, num_shards=1, progress=False, token_budget=0.5)

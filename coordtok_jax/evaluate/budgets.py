@@ -95,6 +95,17 @@ def make_predict(graphdef, scorer_graphdef, pad_value: float):
     return predict
 
 
+def make_score_planes(graphdef, scorer_graphdef):
+    """(params, scorer_state, planes) -> predicted per-block PSNR (B, blocks, L), from planes
+    already encoded (the latent cache's path: no second encode)."""
+
+    def score(params, scorer_state, planes):
+        model = nnx.merge(graphdef, params)
+        return nnx.merge(scorer_graphdef, scorer_state)(block_features(planes, _fills(model), model.nested))
+
+    return score
+
+
 def allocate(scores, valid, nt: NestedTokens, fraction: float, method: str) -> np.ndarray:
     """Per-block level indices (B, blocks) for a batch: the temporal-plane tokens of the batch at
     most `fraction` of the full budget, the summed score as large as `method` can make it.

@@ -48,6 +48,10 @@ def define_flags():
     flags.DEFINE_integer("batch", None, "Global batch (default config.batch_size; divisible by the device count).",
                          lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "Delete an existing (complete or partial) cache in --output first.")
+    flags.DEFINE_float("token_budget", None, "Nested-token tokenizers: keep at most this fraction of each batch's "
+                       "temporal-plane tokens (the records then store the per-block levels).")
+    flags.DEFINE_enum("allocation", "uniform", ["uniform", "greedy", "ilp"], "How --token_budget is split over "
+                      "the temporal blocks (greedy / ilp: the tokenizer's scorer, python -m coordtok_jax.train_scorer).")
 
 
 class _LoadClip:
@@ -63,6 +67,54 @@ class _LoadClip:
         clip = self.loader(int(k), int(k) % self.n)
         clip["clip"] = np.int64(k)
         return clip
+
+
+class _Budget:
+    """Per global batch: the tokenizer's planes cut to per-block levels under the token budget
+    (evaluate/budgets.py), identically on every host (scores and lengths are all-gathered)."""
+
+    def __init__(self, tok, config, mesh, rows, fraction, method):
+        import jax
+        from flax import nnx
+
+        from coordtok_jax.evaluate import budgets
+        from coordtok_jax.models import ConfigError
+        from coordtok_jax.models.nested import nested_tokens
+
+        self.nt = nested_tokens(tok.config.model, tok.geometry)
+        if self.nt is None:
+            raise ConfigError(f"--token_budget needs a tokenizer trained with config.model.nested_tokens=True; "
+                              f"{config.tokenizer} has fixed-size planes")
+        budgets.allocate(np.zeros((1, self.nt.blocks, len(self.nt.levels))), np.ones((1, self.nt.blocks), bool),
+                         self.nt, fraction, method)  # checks the budget and the method before anything runs
+        self.fraction, self.method, self.mesh, self.rows = float(fraction), method, mesh, rows
+        self.frames = tok.geometry.video_shape[0]
+        self.cut = jax.jit(lambda p, planes, lv: nnx.merge(tok.graphdef, p).apply_levels(planes, lv),
+                           out_shardings=rows)
+        self.score = None
+        if method != "uniform":
+            scorer, _ = budgets.load_scorer(config.tokenizer, self.nt, tok.geometry.channels)
+            scorer_graphdef, self.scorer_state = nnx.split(scorer)
+            self.score = jax.jit(budgets.make_score_planes(tok.graphdef, scorer_graphdef))
+        self.budgets = budgets
+
+    def __call__(self, tok_params, planes, n_frames_local):
+        """(cut planes (global, sharded like the batch), levels (global batch, blocks) NumPy)."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        n_frames = np.asarray(multihost_utils.process_allgather(np.asarray(n_frames_local), tiled=True)).reshape(-1)
+        batch = len(n_frames)
+        scores = np.zeros((batch, self.nt.blocks, len(self.nt.levels)))
+        if self.score is not None:
+            scores = np.asarray(multihost_utils.process_allgather(
+                self.score(tok_params, self.scorer_state, planes), tiled=True))
+        valid = self.budgets.valid_blocks(n_frames, self.frames, self.nt)
+        levels = self.budgets.allocate(scores, valid, self.nt, self.fraction, self.method)
+        local = batch // jax.process_count()
+        mine = levels[jax.process_index() * local:(jax.process_index() + 1) * local]
+        global_levels = multihost_utils.host_local_array_to_global_array(mine, self.mesh, self.rows.spec)
+        return self.cut(tok_params, planes, global_levels), levels
 
 
 def _spec(config, geometry, tok_step, source, num_clips, num_shards) -> dict:
@@ -93,8 +145,13 @@ def _clear(out) -> None:
 
 def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[int] = None,
                    num_shards: Optional[int] = None, batch_size: Optional[int] = None, overwrite: bool = False,
-                   progress: bool = True) -> dict:
-    """Writes the cache (resuming a partial one); returns its metadata."""
+                   progress: bool = True, token_budget: Optional[float] = None, allocation: str = "uniform") -> dict:
+    """Writes the cache (resuming a partial one); returns its metadata.
+
+    `token_budget` (a nested-token tokenizer): each global batch keeps at most that fraction of its
+    temporal-plane tokens, split over the blocks by `allocation` ('uniform', or 'greedy' / 'ilp' on
+    the scorer in the tokenizer's workdir); the records then hold the planes as decoded at the
+    chosen levels, and the levels."""
     import jax
     from etils import epath
     from jax.experimental import multihost_utils
@@ -125,6 +182,7 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
     g, tok_params, tok_step = tok.geometry, tok.params, tok.step
     rows = sharding_lib.batch_sharding(mesh, rules, (batch_size,))
     enc = jax.jit(tok.encode, out_shardings=rows)
+    budget = None if token_budget is None else _Budget(tok, config, mesh, rows, token_budget, allocation)
 
     # --- what to encode, and what is already there ------------------------------------------
     source = make_source(config.data, g.video_shape, train=True)
@@ -136,6 +194,8 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
                           f"the {total} clips")
     out = epath.Path(output)
     spec = _spec(config, g, tok_step, source, total, num_shards)
+    if budget is not None:  # (only then: the spec of an ordinary cache is unchanged)
+        spec.update(token_budget=float(token_budget), allocation=allocation, token_levels=list(budget.nt.levels))
     if (out / "metadata.json").exists() and not overwrite:
         raise FileExistsError(f"{output} already holds a complete latent cache (metadata.json); pass --overwrite")
     multihost_utils.sync_global_devices("encode_latents: checked")
@@ -176,15 +236,17 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
     T = g.video_shape[0]
     start = time.perf_counter()
 
-    def emit(planes, local, offset):
+    def emit(planes, local, offset, levels=None):
         nonlocal written
         planes = [np.asarray(z) for z in multihost_utils.global_array_to_host_local_array(planes, mesh, rows.spec)]
+        mine = None if levels is None else levels[host * local_batch:(host + 1) * local_batch]
         for i in range(len(local["clip"])):
             k = int(local["clip"][i])
             s = int(shard_of[offset + i])
             if s not in writers:
                 writers[s] = ShardWriter(out, latent_cache.shard_name(s, num_shards), staging)
-            writers[s].write(latent_cache.encode_planes([z[i] for z in planes], int(local["label"][i]), k))
+            writers[s].write(latent_cache.encode_planes([z[i] for z in planes], int(local["label"][i]), k,
+                                                        None if mine is None else mine[i]))
             written += 1
             left[s] -= 1
             if left[s] == 0:
@@ -205,9 +267,12 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
             with jax.set_mesh(mesh):
                 planes = enc(tok_params, multihost_utils.host_local_array_to_global_array(video, mesh, rows.spec),
                              multihost_utils.host_local_array_to_global_array(n_frames, mesh, rows.spec))
+                levels = None
+                if budget is not None:
+                    planes, levels = budget(tok_params, planes, n_frames)
             if previous is not None:
                 emit(*previous)
-            previous = (planes, local, b * local_batch) if local is not None else None
+            previous = (planes, local, b * local_batch, levels) if local is not None else None
             bar.update(min(batch_size, todo - bar.n))
         if previous is not None:
             emit(*previous)
@@ -238,8 +303,10 @@ def encode_latents(config, output: str, *, passes: int = 1, num_clips: Optional[
 
 def main(argv):
     encode_latents(FLAGS.config, FLAGS.output, passes=FLAGS.passes, num_clips=FLAGS.num_clips,
-                   num_shards=FLAGS.num_shards, batch_size=FLAGS.batch, overwrite=FLAGS.overwrite)
+                   num_shards=FLAGS.num_shards, batch_size=FLAGS.batch, overwrite=FLAGS.overwrite,
+                   token_budget=FLAGS.token_budget, allocation=FLAGS.allocation)
 
 
 def run():
-    cli.run(__name__, define_flags, main, errors=(ValueError,), required=("config", "output"), log_level="warning")
+    cli.run(__name__, define_flags, main, errors=(ValueError, FileNotFoundError), required=("config", "output"),
+            log_level="warning")

@@ -9,6 +9,10 @@ Layout of DIR:
   `CoordTok.encode` returns them, not normalised), `label` int32 (-1 when unknown) and `clip`
   int64 (the clip's index in the encoding order: record `clip % len(source)`, window drawn by
   (data seed, clip)).
+* A cache encoded with `--token_budget` (a nested-token tokenizer, issue 17) also stores `levels`
+  (blocks,) int32 per clip: the temporal blocks' token levels (indices into the tokenizer's
+  config.model.token_levels; a block's kept cells are models/nested.py's `kept[level]`), and its
+  planes are as decoded at those levels (dropped cells filled). spec.json records the budget.
 * `spec.json`: what is being encoded (tokenizer, its step, plane shapes, data config, clip count,
   shards), written first; a resumed run must match it.
 * `metadata.json`: the spec plus the counts, written last: its presence marks a complete cache.
@@ -39,8 +43,9 @@ def shard_name(i: int, n: int) -> str:
     return f"latents-{i:05d}-of-{n:05d}.array_record"
 
 
-def encode_planes(planes, label: int, clip: int) -> bytes:
-    """One clip's three planes (each (R1, R2, C)) -> record bytes."""
+def encode_planes(planes, label: int, clip: int, levels=None) -> bytes:
+    """One clip's three planes (each (R1, R2, C)) -> record bytes; `levels` (blocks,) int: the
+    per-block token levels of a budgeted cache (the planes are then as decoded at those levels)."""
     if len(planes) != 3:
         raise ValueError(f"expected three planes (xy, yt, xt), got {len(planes)}")
     arrays = {k: np.asarray(z, np.float32) for k, z in zip(PLANES, planes)}
@@ -48,15 +53,19 @@ def encode_planes(planes, label: int, clip: int) -> bytes:
         if z.ndim != 3:
             raise ValueError(f"plane {k} must be (R1, R2, C), got {z.shape}")
     buf = io.BytesIO()
-    np.savez(buf, **arrays, label=np.int32(label), clip=np.int64(clip))
+    extra = {} if levels is None else {"levels": np.asarray(levels, np.int32)}
+    np.savez(buf, **arrays, label=np.int32(label), clip=np.int64(clip), **extra)
     return buf.getvalue()
 
 
 def decode_planes(data: bytes) -> dict:
-    """Record bytes -> {'xy', 'yt', 'xt': float32 arrays, 'label': int32, 'clip': int64}."""
+    """Record bytes -> {'xy', 'yt', 'xt': float32 arrays, 'label': int32, 'clip': int64} (+ 'levels'
+    (blocks,) int32 in a budgeted cache)."""
     f = load_npz(data)
     out = {k: f[k] for k in PLANES}
     out["label"], out["clip"] = np.int32(f["label"]), np.int64(f["clip"])
+    if "levels" in f:
+        out["levels"] = f["levels"]
     return out
 
 
