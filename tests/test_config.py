@@ -76,7 +76,7 @@ def test_runlocal_keeps_the_model_and_swaps_the_schedule():
 
 @pytest.mark.parametrize("arg, message", [
     ("L,stage=3", r"config argument 'L,stage=3': stage must be one of \['1', '2'\], got '3'"),
-    ("L,steps=3", r"config argument 'L,steps=3': unknown option 'steps' \(known: \['stage'\], runlocal\)"),
+    ("L,steps=3", r"config argument 'L,steps=3': unknown option 'steps' \(known: \['data', 'stage', 'tokens'\], runlocal\)"),
     ("L,fast", r"config argument 'L,fast': expected SIZE\[,key=value...\]\[,runlocal\], got 'fast'"),
 ])
 def test_config_argument_errors_name_the_argument(arg, message):

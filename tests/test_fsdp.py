@@ -21,10 +21,6 @@ from coordtok_jax.train.trainer import build_step
 
 MESHES = {(8, 1): ("data", "fsdp"), (4, 2): ("data", "fsdp"), (1, 8): ("data", "fsdp"),
           (2, 2, 2): ("data", "fsdp", "tensor"), (1, 1): ("data", "fsdp")}
-# (1, 8) runs the model with nested triplane tokens (budgets drawn per block inside the step), checked
-# against its own one-device reference, NESTED_REF; every other mesh runs the official model.
-NESTED = {(1, 8)}
-NESTED_REF = "nested (1, 1)"
 STEPS = 3
 
 
@@ -41,13 +37,10 @@ def runs(devices):
     micro config."""
     out = {}
     batches = _batches()
-    for key, axes in list(MESHES.items()) + [(NESTED_REF, ("data", "fsdp"))]:
-        shape = (1, 1) if key == NESTED_REF else key
+    for shape, axes in MESHES.items():
         config = micro_config()
         with config.unlocked():
             config.mesh.shape, config.mesh.axes = shape, axes
-            if key in NESTED or key == NESTED_REF:
-                config.model.nested_tokens, config.model.token_blocks = True, 2
         devs = devices if math.prod(shape) == 8 else devices[:1]
         mesh = sharding_lib.make_mesh(shape, axes, devices=devs)
         plan, _, program = build_step(config, mesh)
@@ -60,7 +53,7 @@ def runs(devices):
             for b in batches:
                 state, metrics = compiled(state, {k: jax.device_put(v, batch_sh[k]) for k, v in b.items()}, None)
                 losses.append(float(metrics["loss"]))
-        out[key] = (plan, compiled, losses, jax.tree.map(np.asarray, state.params), initial)
+        out[shape] = (plan, compiled, losses, jax.tree.map(np.asarray, state.params), initial)
     return out
 
 
@@ -99,7 +92,7 @@ def test_fsdp_step_gathers_parameters_not_activations(runs, shape):
     counts = aot.collectives(hlo)
     assert "all-to-all" not in counts, counts  # no reshuffling of heads or batch
     assert counts["all-gather"]["ops"] > 0  # the weights are gathered (FSDP), ...
-    allowed = _parameter_sizes(plan, micro_config())  # (plan's parameters: the nested fills included)
+    allowed = _parameter_sizes(plan, micro_config())
     activations = [text for n, text in _gathers(hlo) if n not in allowed]
     assert not activations, f"all-gathers of non-parameter arrays: {activations[:5]}"  # ... and only the weights
 
@@ -115,19 +108,12 @@ def test_sharded_step_memory_stays_within_data_parallel(runs, shape):
 
 
 def test_every_mesh_trains_the_same(runs):
+    _, _, ref_losses, ref_params, initial = runs[(1, 1)]
     for shape, (_, _, losses, params, _) in runs.items():
-        if shape == NESTED_REF:
-            continue
-        if shape in NESTED:
-            _, _, ref_losses, ref_params, _ = runs[NESTED_REF]
-            assert "nested_fill_yt" in params
-        else:
-            _, _, ref_losses, ref_params, _ = runs[(1, 1)]
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(shape))
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(shape))
-    _, _, _, final, initial = runs[(1, 1)]
-    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(initial))]
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(initial))]
     assert min(moved) > 1e-5  # every parameter was updated (lr 1e-4, 3 steps)
 
 

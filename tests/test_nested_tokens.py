@@ -85,10 +85,15 @@ def test_apply_levels_against_a_loop():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def _build(cfg, seed=0):
+    """CoordTok built inside one jit (eager construction compiles every initializer on its own)."""
+    return nnx.jit(lambda: CoordTok(cfg, rngs=nnx.Rngs(seed)))()
+
+
 @pytest.fixture(scope="module")
 def nested_model():
     cfg = _cfg(token_blocks=4)
-    model = CoordTok(cfg, rngs=nnx.Rngs(0))
+    model = _build(cfg)
     model.nested_fill_yt[...] = jnp.linspace(-1, 1, 8)  # a non-zero fill, as after training
     return model
 
@@ -99,9 +104,10 @@ def test_decoding_at_a_budget_uses_only_the_prefix(nested_model):
     key = jax.random.PRNGKey(1)
     video = jax.random.uniform(key, (2, 16, 32, 32, 3), minval=-1, maxval=1)
     coords = jax.random.uniform(jax.random.PRNGKey(2), (2, 40, 3))
-    planes = model.encode(video)
+    planes = nnx.jit(lambda m, v: m.encode(v))(model, video)
     levels = jnp.asarray([[0, 1, 2, 3], [3, 0, 0, 1]], jnp.int32)
-    out = model.decode(model.apply_levels(planes, levels), coords)
+    run = nnx.jit(lambda m, p, lv: m.decode(m.apply_levels(p, lv), coords))
+    out = run(model, planes, levels)
 
     # Perturb every dropped cell of both temporal planes: nothing changes.
     kept = np.zeros((2,) + planes[1].shape[1:3], bool)
@@ -110,11 +116,10 @@ def test_decoding_at_a_budget_uses_only_the_prefix(nested_model):
             kept[b, blk * nt.rows:(blk + 1) * nt.rows] = nt.kept[levels[b, blk]].reshape(nt.rows, nt.cols)
     noise = lambda z, s: z + jnp.where(kept[..., None], 0.0, jax.random.normal(jax.random.PRNGKey(s), z.shape) * 3)
     perturbed = (planes[0], noise(planes[1], 3), noise(planes[2], 4))
-    np.testing.assert_array_equal(np.asarray(model.decode(model.apply_levels(perturbed, levels), coords)),
-                                  np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(run(model, perturbed, levels)), np.asarray(out))
     # A kept cell does change it, and the full budget is the planes unchanged.
     bumped = (planes[0], planes[1].at[1, 0, 0].add(1.0), planes[2])
-    assert not np.allclose(np.asarray(model.decode(model.apply_levels(bumped, levels), coords)), np.asarray(out))
+    assert not np.allclose(np.asarray(run(model, bumped, levels)), np.asarray(out))
     full = model.apply_levels(planes, jnp.full((2, nt.blocks), len(nt.levels) - 1, jnp.int32))
     for a, b in zip(full, planes):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -124,18 +129,19 @@ def test_option_off_is_the_official_model():
     off = coordtok.get_config("tiny").model
     plain = ml_collections.ConfigDict({k: v for k, v in off.to_dict().items()
                                        if k not in ("nested_tokens", "token_blocks", "token_levels", "token_order")})
-    a, b = CoordTok(off, rngs=nnx.Rngs(0)), CoordTok(plain, rngs=nnx.Rngs(0))
+    a, b = _build(off), _build(plain)
     sa, sb = nnx.to_pure_dict(nnx.state(a, nnx.Param)), nnx.to_pure_dict(nnx.state(b, nnx.Param))
     assert jax.tree.structure(sa) == jax.tree.structure(sb)
     jax.tree.map(np.testing.assert_array_equal, sa, sb)
-    on = CoordTok(_cfg(), rngs=nnx.Rngs(0))
+    on = nnx.eval_shape(lambda: CoordTok(_cfg(), rngs=nnx.Rngs(0)))
     extra = set(nnx.to_pure_dict(nnx.state(on, nnx.Param))) - set(sa)
     assert extra == {"nested_fill_yt", "nested_fill_xt"}
     video = jax.random.uniform(jax.random.PRNGKey(0), (1, 16, 32, 32, 3), minval=-1, maxval=1)
     coords = jax.random.uniform(jax.random.PRNGKey(1), (1, 8, 3))
-    np.testing.assert_array_equal(np.asarray(a(video, None, coords)), np.asarray(b(video, None, coords)))
+    forward = nnx.jit(lambda m: m(video, None, coords))
+    np.testing.assert_array_equal(np.asarray(forward(a)), np.asarray(forward(b)))
     with pytest.raises(ValueError, match="nested_tokens=True"):
-        a.apply_levels(a.encode(video), np.zeros((1, 4), np.int32))
+        a.apply_levels((None, None, None), np.zeros((1, 4), np.int32))
 
 
 def test_config_errors_name_the_field(nested_model):
@@ -148,7 +154,7 @@ def test_config_errors_name_the_field(nested_model):
     with pytest.raises(ConfigError, match="token_order must be one of"):
         CoordTok(_cfg(token_order="random"), rngs=nnx.Rngs(0))
     nt = nested_model.nested
-    planes = nested_model.encode(jnp.zeros((1, 16, 32, 32, 3)))
+    planes = tuple(jnp.zeros((1,) + shape) for shape in nested_model.geometry.plane_shapes)
     with pytest.raises(ValueError, match=r"token levels must be \(1, 4\) integers"):
         nested_model.apply_levels(planes, np.zeros((1, 3), np.int32))
     with pytest.raises(ValueError, match="must index config.model.token_levels"):
@@ -204,3 +210,13 @@ def test_train_step_draws_a_budget_per_block_and_trains_the_fills(devices):
     assert float(reference(params, jnp.full_like(levels, 3))) != pytest.approx(float(want), rel=1e-6)
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
     assert float(jnp.abs(grads["nested_fill_yt"]).sum()) > 0 and float(jnp.abs(grads["nested_fill_xt"]).sum()) > 0
+
+    # Sharded: the batch over a (data=4, fsdp=2) mesh gives the same loss (the levels are drawn per
+    # video inside the step, so each device cuts its own videos' planes).
+    mesh8 = sharding_lib.make_mesh((4, 2), ("data", "fsdp"), devices=devices)
+    rules = sharding_lib.rules_of(config)
+    rows = lambda x: jax.device_put(x, sharding_lib.batch_sharding(mesh8, rules, x.shape))
+    with jax.set_mesh(mesh8):
+        replicated = jax.device_put(params, sharding_lib.replicated(mesh8))
+        sharded = jax.jit(loss_fn)(replicated, rows(video), rows(n_frames), key)[0]
+    assert float(sharded) == pytest.approx(float(loss), rel=1e-5)

@@ -39,6 +39,7 @@ class CoordTok(nnx.Module):
     def __init__(self, config: Any, *, rngs: nnx.Rngs, axis_rules=None):
         self.geometry: Geometry = validate(config)
         g = self.geometry
+        nested = nested_lib.nested_tokens(config, g)  # checked before anything is built
         compute = make_compute(config, axis_rules)
         self.compute = compute
         c = g.channels
@@ -47,7 +48,7 @@ class CoordTok(nnx.Module):
         self.weight_tokens_xt = learned(rngs, (1, g.latent_t, g.latent_xy, c), (None,) * 4)
         self.encoder = Encoder(config, g, compute, rngs)
         self.decoder = Decoder(config, g, compute, rngs)
-        self.nested = nested_lib.nested_tokens(config, g)
+        self.nested = nested
         if self.nested is not None:  # only then: the official parameter tree is unchanged
             self.nested_fill_yt = nnx.Param(jnp.zeros((c,), jnp.float32))
             self.nested_fill_xt = nnx.Param(jnp.zeros((c,), jnp.float32))
