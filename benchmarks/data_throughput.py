@@ -120,28 +120,35 @@ def main(argv):
         record_table(ar, shape[0])
 
 
-def window_seek_table(folder, frames):
-    """One T-frame window per video: the whole file decoded then sliced vs decode_window's seek."""
+def compare(title, items, ways, repeats):
+    """Times each (name, fn(item, rng)) over every item `repeats` times and prints one table,
+    the first way as the baseline (x = its time / this one's)."""
     import numpy as np
 
+    rows = {}
+    for name, fn in ways:
+        rng, start = np.random.default_rng(0), time.perf_counter()
+        for _ in range(repeats):
+            for item in items:
+                fn(item, rng)
+        rows[name] = (time.perf_counter() - start) / (repeats * len(items))
+    print(f"\n{title}:")
+    print("| how | ms per clip | clips/s per core | x |")
+    print("|---|---:|---:|---:|")
+    base = rows[ways[0][0]]
+    for name, t in rows.items():
+        print(f"| {name} | {t * 1e3:.2f} | {1 / t:.0f} | {base / t:.2f} |")
+
+
+def window_seek_table(folder, frames):
+    """One T-frame window per video: the whole file decoded then sliced vs decode_window's seek."""
     from coordtok_jax.data.sources import list_videos
     from coordtok_jax.data.video_io import decode_frames, decode_window, take_window
 
     files = [os.path.join(folder, rel) for rel in list_videos(folder)[0]]
-    rows = {}
-    for name, fn in (("decode the file, slice", lambda f, r: take_window(decode_frames(f), frames, None, r)),
-                     ("seek to the window", lambda f, r: decode_window(f, frames, None, r))):
-        rng, start = np.random.default_rng(0), time.perf_counter()
-        for _ in range(2):
-            for f in files:
-                fn(f, rng)
-        rows[name] = (time.perf_counter() - start) / (2 * len(files))
-    print(f"\nfolder source, one {frames}-frame window of each {len(files)} source videos (decode only, one core):")
-    print("| how | ms per window | x |")
-    print("|---|---:|---:|")
-    base = rows["decode the file, slice"]
-    for name, t in rows.items():
-        print(f"| {name} | {t * 1e3:.1f} | {base / t:.2f} |")
+    compare(f"folder source, one {frames}-frame window of each {len(files)} source videos (decode only, one core)",
+            files, [("decode the file, slice", lambda f, r: take_window(decode_frames(f), frames, None, r)),
+                    ("seek to the window", lambda f, r: decode_window(f, frames, None, r))], repeats=2)
 
 
 def record_table(path, frames):
@@ -156,19 +163,10 @@ def record_table(path, frames):
 
     src = LazyRecords(shard_paths(path))
     blobs = [src[i] for i in range(len(src))]
-    rows = {}
-    for name, fn in (("decode the whole record", records.decode_clip), ("view, copy the window", records.clip_view)):
-        rng, start = np.random.default_rng(0), time.perf_counter()
-        for _ in range(5):
-            for b in blobs:
-                np.array(take_window(fn(b)["video"], frames, None, rng)[0])
-        rows[name] = (time.perf_counter() - start) / (5 * len(blobs))
-    print(f"\narray_record source, one {frames}-frame window of each of {len(blobs)} records (read from memory, one core):")
-    print("| how | ms per clip | clips/s per core | x |")
-    print("|---|---:|---:|---:|")
-    base = rows["decode the whole record"]
-    for name, t in rows.items():
-        print(f"| {name} | {t * 1e3:.2f} | {1 / t:.0f} | {base / t:.2f} |")
+    window = lambda decode: lambda b, r: np.array(take_window(decode(b)["video"], frames, None, r)[0])
+    compare(f"array_record source, one {frames}-frame window of each of {len(blobs)} records (read from memory, "
+            "one core)", blobs, [("decode the whole record", window(records.decode_clip)),
+                                 ("view, copy the window", window(records.clip_view))], repeats=5)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,9 @@ def devices():
     return jax.devices()
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    """A tiny tokenizer checkpoint (random parameters) for the SiT tests, which only need its encoder."""
-    import coordtok
+def save_random_tokenizer(workdir, config, step: int) -> None:
+    """A checkpoint of `config`'s tokenizer with random N(0, 0.05^2) parameters (no trainer run:
+    for tests that only need a loadable tokenizer)."""
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
@@ -51,11 +50,18 @@ def tokenizer_dir(tmp_path_factory):
     from coordtok_jax.models.coordtok import CoordTok
     from coordtok_jax.io.checkpoint import save_params
 
-    workdir = tmp_path_factory.mktemp("tokenizer")
-    config = coordtok.get_config("tiny")
     abstract = nnx.eval_shape(lambda: CoordTok(config.model, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.05),
                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    save_params(str(workdir), params, config, step=5)
+    save_params(str(workdir), params, config, step=step)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny tokenizer checkpoint (random parameters) for the SiT tests, which only need its encoder."""
+    import coordtok
+
+    workdir = tmp_path_factory.mktemp("tokenizer")
+    save_random_tokenizer(workdir, coordtok.get_config("tiny"), step=5)
     return workdir

@@ -23,20 +23,12 @@ from coordtok_jax.models.nested import block_of_frames
 
 @pytest.fixture(scope="module")
 def nested_run(tmp_path_factory):
-    """A tiny nested-token checkpoint with random parameters and non-zero fills (the trainer's
-    nested step is tested in test_nested_tokens.py)."""
-    import jax
-
-    from coordtok_jax.io.checkpoint import save_params
-    from coordtok_jax.models.coordtok import CoordTok
+    """A tiny nested-token checkpoint with random parameters, fills included (the trainer's nested
+    step is tested in test_nested_tokens.py), and its scorer."""
+    from conftest import save_random_tokenizer
 
     workdir = tmp_path_factory.mktemp("nested_run")
-    config = coordtok.get_config("tiny,tokens=nested,data=mixed")
-    abstract = nnx.eval_shape(lambda: CoordTok(config.model, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.05),
-                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-    save_params(str(workdir), params, config, step=3)
+    save_random_tokenizer(workdir, coordtok.get_config("tiny,tokens=nested,data=mixed"), step=3)
     train_scorer(str(workdir), num_clips=8, eval_clips=4, steps=30, batch=4, progress=False)
     return workdir
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from coordtok_jax.models.config import ConfigError, validate
 from coordtok_jax.models.coordtok import CoordTok
-from coordtok_jax.models.nested import (apply_levels, block_of_frames, fill_sources, levels_for_fraction,
+from coordtok_jax.models.nested import (apply_levels, block_of_frames, fill_sources,
                                         nested_tokens, refinement_order, time_first_order)
 
 
@@ -159,9 +159,6 @@ def test_config_errors_name_the_field(nested_model):
         nested_model.apply_levels(planes, np.zeros((1, 3), np.int32))
     with pytest.raises(ValueError, match="must index config.model.token_levels"):
         nested_model.apply_levels(planes, np.full((1, 4), 4, np.int32))
-    assert levels_for_fraction(0.5, nt) == 1 and levels_for_fraction(0.6, nt) == 1
-    with pytest.raises(ValueError, match="below the smallest level"):
-        levels_for_fraction(0.1, nt)
     np.testing.assert_array_equal(block_of_frames(16, nt), np.repeat(np.arange(4), 4))
 
 

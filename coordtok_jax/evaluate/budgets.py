@@ -83,27 +83,27 @@ def make_measure(graphdef, pad_value: float):
     return measure
 
 
-def make_predict(graphdef, scorer_graphdef, pad_value: float):
-    """(params, scorer_state, video uint8, n_frames) -> predicted per-block PSNR (B, blocks, L)."""
-
-    def predict(params, scorer_state, video, n_frames):
-        model = nnx.merge(graphdef, params)
-        planes = model.encode(to_model_input(video, n_frames, pad_value), n_frames)
-        scorer = nnx.merge(scorer_graphdef, scorer_state)
-        return scorer(block_features(planes, _fills(model), model.nested))
-
-    return predict
-
-
 def make_score_planes(graphdef, scorer_graphdef):
-    """(params, scorer_state, planes) -> predicted per-block PSNR (B, blocks, L), from planes
-    already encoded (the latent cache's path: no second encode)."""
+    """(params, scorer_state, planes) -> the scorer's predicted per-block PSNR (B, blocks, L) for
+    planes already encoded (the one scoring path: evaluate, reconstruct and encode_latents)."""
 
     def score(params, scorer_state, planes):
         model = nnx.merge(graphdef, params)
         return nnx.merge(scorer_graphdef, scorer_state)(block_features(planes, _fills(model), model.nested))
 
     return score
+
+
+def make_predict(graphdef, scorer_graphdef, pad_value: float):
+    """(params, scorer_state, video uint8, n_frames) -> predicted per-block PSNR (B, blocks, L):
+    encode, then `make_score_planes`."""
+    score = make_score_planes(graphdef, scorer_graphdef)
+
+    def predict(params, scorer_state, video, n_frames):
+        planes = nnx.merge(graphdef, params).encode(to_model_input(video, n_frames, pad_value), n_frames)
+        return score(params, scorer_state, planes)
+
+    return predict
 
 
 def allocate(scores, valid, nt: NestedTokens, fraction: float, method: str) -> np.ndarray:

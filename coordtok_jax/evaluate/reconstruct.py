@@ -77,18 +77,20 @@ def windows(num_frames: int, T: int) -> list[tuple[int, int]]:
 def choose_levels(model, workdir, planes_all, n_frames, fraction: float, method: str) -> np.ndarray:
     """(windows, blocks) levels: the windows' temporal-plane tokens within `fraction` of the full
     budget, split by `method` on the scorer's predictions (uniform: no scorer)."""
+    import jax
     import jax.numpy as jnp
-
-    from coordtok_jax.models.scorer import block_features
+    from flax import nnx
 
     nt = model.nested
     T = model.geometry.video_shape[0]
     scores = np.zeros((len(planes_all), nt.blocks, len(nt.levels)))
     if method != "uniform":
         scorer, _ = budgets.load_scorer(workdir, nt, model.geometry.channels)
+        graphdef, params = nnx.split(model)
+        scorer_graphdef, scorer_state = nnx.split(scorer)
         planes = tuple(jnp.asarray(np.stack([p[i] for p in planes_all])) for i in range(3))
-        fills = (model.nested_fill_yt[...], model.nested_fill_xt[...])
-        scores = np.asarray(scorer(block_features(planes, fills, nt)))
+        score = jax.jit(budgets.make_score_planes(graphdef, scorer_graphdef))
+        scores = np.asarray(score(params, scorer_state, planes))
     return budgets.allocate(scores, budgets.valid_blocks(n_frames, T, nt), nt, fraction, method)
 
 

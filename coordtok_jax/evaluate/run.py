@@ -50,7 +50,7 @@ from coordtok_jax.models.decode_video import decode_video
 METRICS = ("psnr", "ssim", "lpips")
 
 
-def _pad_batch(batch: dict, size: int) -> tuple[dict, np.ndarray]:
+def pad_batch(batch: dict, size: int) -> tuple[dict, np.ndarray]:
     """Pads a (possibly short) last batch to `size` clips; returns it and the valid mask."""
     n = len(batch["n_frames"])
     valid = np.arange(size) < n
@@ -161,7 +161,7 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
         bar = tqdm(total=per_host * jax.process_count(), unit="video", desc=f"eval step {step}",
                    disable=not progress or jax.process_index() != 0)
         for local in dataset:
-            local, valid = _pad_batch(local, local_batch)
+            local, valid = pad_batch(local, local_batch)
             bad_files.update(int(i) for i in np.ravel(np.asarray(local["failed_records"])[valid]) if i >= 0)
             arrays = [jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k])) for k in ("video", "n_frames")]
             levels = None if allocator is None else allocator(params, arrays, valid)
@@ -210,7 +210,9 @@ def evaluate(workdir: str, *, config=None, step: Optional[int] = None, num_video
 
 class BudgetAllocator:
     """Per batch: the scorer's predictions (or none, for 'uniform') -> per-block levels under the
-    budget (evaluate/budgets.py), as a global array sharded like the batch."""
+    budget (evaluate/budgets.py), as a global array sharded like the batch. The scorer encodes the
+    batch itself (the eval step then encodes it again: the host-side allocation sits between the
+    two programs; the encode is a small part of an eval step, whose cost is the joint decode)."""
 
     def __init__(self, model, graphdef, workdir, fraction, method, pad_value, mesh, rules):
         self.nt = budgets.require_nested(model, "--token_budget")

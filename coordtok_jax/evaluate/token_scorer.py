@@ -29,6 +29,7 @@ from tqdm import tqdm
 from coordtok_jax import cli
 from coordtok_jax.data.pipeline import make_sampled_dataset
 from coordtok_jax.evaluate import budgets
+from coordtok_jax.evaluate.run import pad_batch
 
 FLAGS = flags.FLAGS
 
@@ -43,11 +44,8 @@ def measure_clips(model, config, num_clips: int, batch: int, *, train: bool, see
     with tqdm(total=num_clips, unit="clip", desc=desc) as bar:
         for local in dataset:
             n = len(local["n_frames"])
-            video, n_frames = np.asarray(local["video"]), np.asarray(local["n_frames"], np.int32)
-            if n < batch:  # keep one compiled shape: pad with copies, drop them after
-                video = np.concatenate([video, np.repeat(video[:1], batch - n, 0)])
-                n_frames = np.concatenate([n_frames, np.repeat(n_frames[:1], batch - n)])
-            got = measure(params, jnp.asarray(video), jnp.asarray(n_frames))
+            local, _ = pad_batch(local, batch)  # one compiled shape: the padding rows are dropped below
+            got = measure(params, jnp.asarray(local["video"]), jnp.asarray(local["n_frames"], jnp.int32))
             for k in out:
                 out[k].append(np.asarray(got[k])[:n])
             bar.update(n)

@@ -23,7 +23,7 @@ model's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -230,19 +230,3 @@ def uniform_levels(batch: int, nt: NestedTokens, level: Optional[int] = None) ->
     """Every block of every video at one level (default: the full budget)."""
     level = len(nt.levels) - 1 if level is None else int(level)
     return np.full((batch, nt.blocks), level, np.int32)
-
-
-def levels_for_fraction(fraction: float, nt: NestedTokens) -> int:
-    """The largest allowed level whose share of a block's cells is at most `fraction`."""
-    shares = np.asarray(nt.levels) / nt.cells
-    fits = np.nonzero(shares <= float(fraction) + 1e-9)[0]
-    if fits.size == 0:
-        raise ValueError(f"token budget {fraction} is below the smallest level {shares[0]:.3g} of "
-                         f"config.model.token_levels")
-    return int(fits[-1])
-
-
-def describe(nt: NestedTokens, geometry: Geometry) -> str:
-    levels: Sequence[int] = nt.levels
-    return (f"nested tokens: {nt.blocks} temporal blocks of {nt.rows}x{nt.cols} cells per plane, levels "
-            f"{list(levels)} cells; z_xy {geometry.latent_xy ** 2} tokens fixed")
