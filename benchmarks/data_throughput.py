@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -170,4 +170,6 @@ def record_table(path, frames):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from coordtok_jax import cli  # --help exits 0, a usage error is one line
+
+    cli.run(__name__, lambda: None, main, log_level="warning")

@@ -23,7 +23,7 @@ import threading
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -110,4 +110,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from coordtok_jax import cli  # --help exits 0, a usage error is one line
+
+    cli.run(__name__, lambda: None, main, log_level="warning")

@@ -19,7 +19,7 @@ import time
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
@@ -80,4 +80,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from coordtok_jax import cli  # --help exits 0, a usage error is one line
+
+    cli.run(__name__, lambda: None, main, log_level="warning")

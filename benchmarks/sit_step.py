@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
@@ -97,4 +97,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from coordtok_jax import cli  # --help exits 0, a usage error is one line
+
+    cli.run(__name__, lambda: None, main, log_level="warning")

@@ -210,4 +210,6 @@ def main(argv):
         print(f"(decode video: {n_patches} patches per video in one joint call)")
 
 if __name__ == "__main__":
-    app.run(main)
+    from coordtok_jax import cli  # --help exits 0, a usage error is one line
+
+    cli.run(__name__, lambda: None, main, log_level="warning")
