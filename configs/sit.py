@@ -1,6 +1,6 @@
 r"""Triplane SiT configurations (latent diffusion on CoordTok planes).
 
-    --config=configs/sit.py:ARG   with ARG = SIZE[,runlocal], SIZE in {S/2, B/2, L/2, XL/2, tiny, cpu}
+    --config=configs/sit.py:ARG   with ARG = SIZE[,classes=shapes][,runlocal], SIZE in {S/2, B/2, L/2, XL/2, tiny, cpu}
     --config.tokenizer=/path/to/tokenizer/workdir
 
 * `L/2`: the released CoordTok-SiT-L/2 (official train_sit.py / sample_sit.py defaults): depth 24,
@@ -9,6 +9,9 @@ r"""Triplane SiT configurations (latent diffusion on CoordTok planes).
   (num_classes=1, class_dropout_prob=0: no null-class row); learn_sigma=True (the sigma half of
   the output is discarded). 461,462,720 numbers in the state_dict (incl. the fixed pos_embed_xy).
 * `S/2`, `B/2`, `XL/2`: the standard SiT sizes (12/384/6, 12/768/12, 28/1152/16), same planes.
+* `classes=shapes`: class-conditional on the synthetic clips' largest shape (disc / square / ring:
+  data.synthetic_labels, 3 classes, label dropout 0.1 for classifier-free guidance, `sample
+  --cfg_scale`), for trying the class-conditional path on a CPU.
 * `tiny`: depth 2, width 64, 2 heads on the tiny tokenizer's planes (xy 8x8x8, yt / xt 8x8x8)
   for CPU tests.
 
@@ -22,6 +25,7 @@ import ml_collections
 
 from coordtok_jax import config_lib, sharding
 from coordtok_jax.data.config import CPU_DATA, data_config
+from coordtok_jax.data.synthetic import SHAPE_KINDS
 
 _SIZES = {  # depth, hidden_size, num_heads
     "S/2": (12, 384, 6),
@@ -79,7 +83,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     """ARG = SIZE[,runlocal]: SIZE in {S/2, B/2, L/2, XL/2, tiny, cpu}; runlocal: SIZE's model with a
     schedule that runs on a CPU (implied by tiny and cpu)."""
-    size, options = config_lib.parse_arg(arg, sizes=list(_SIZES), default="tiny", local_sizes=LOCAL_SIZES)
+    size, options = config_lib.parse_arg(arg, sizes=list(_SIZES), default="tiny", local_sizes=LOCAL_SIZES,
+                                         options={"classes": ("shapes",)})
     local = options["runlocal"]
     config = ml_collections.ConfigDict()
     config.size = size
@@ -150,6 +155,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.distributed = "auto"
     if size == "cpu":  # the cpu tokenizer's data, and the recipe above
         config_lib.override(config, {**CPU_DATA, **CPU_RECIPE})
+    if options.get("classes") == "shapes":  # class-conditional on the synthetic clips' largest shape
+        if config.data.source != "synthetic":
+            raise ValueError(f"config argument {arg!r}: classes=shapes needs config.data.source='synthetic'")
+        config_lib.override(config, {"data.synthetic_labels": True, "model.num_classes": len(SHAPE_KINDS),
+                                     "model.class_dropout_prob": 0.1})
     return config
 
 

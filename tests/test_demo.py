@@ -3,6 +3,7 @@
 import json
 
 import coordtok
+import sit
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,3 +71,43 @@ def test_centered_shapes_start_in_the_middle():
         np.testing.assert_array_equal(np.median(clip.reshape(-1, 3), axis=0), background)
         ys, xs = np.nonzero(np.any(clip != background, axis=-1))
         assert abs(ys.mean() - 15.5) < 1.0 and abs(xs.mean() - 15.5) < 1.0, (i, ys.mean(), xs.mean())
+
+
+def test_synthetic_labels_name_the_largest_shape():
+    """with_label: the class is the kind of the clip's largest shape. One flat, still shape per clip,
+    classified from its pixels at frame 0 (squares start unrotated): a ring's centre is background,
+    a square fills its bounding box, a disc fills ~pi/4 of it. The frames do not change; the source
+    reports the label only with config.data.synthetic_labels, -1 otherwise."""
+    from coordtok_jax.data.sources import make_source
+    from coordtok_jax.data.synthetic import SHAPE_KINDS
+
+    seen = set()
+    for i in range(40):
+        frames, n, label = synthetic_clip(0, i, (1, 64, 64), texture=0.0, motion=0.0, max_shapes=1, with_label=True)
+        frame = frames[0]
+        background = frame[0, 0]
+        ys, xs = np.nonzero(np.any(frame != background, axis=-1))
+        box = frame[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        inside = np.any(box != background, axis=-1)
+        centre = inside[inside.shape[0] // 2, inside.shape[1] // 2]
+        kind = "ring" if not centre else ("square" if inside.mean() > 0.95 else "disc")
+        assert SHAPE_KINDS[label] == kind, (i, label, kind, inside.mean())
+        seen.add(kind)
+        plain = synthetic_clip(0, i, (1, 64, 64), texture=0.0, motion=0.0, max_shapes=1)
+        np.testing.assert_array_equal(plain[0], frames)
+        assert plain[1] == n
+    assert seen == set(SHAPE_KINDS)
+
+    config = sit.get_config("cpu,classes=shapes")
+    assert (config.model.num_classes, config.model.class_dropout_prob > 0) == (3, True)
+    labelled = make_source(config.data, (4, 16, 16))
+    with config.unlocked():
+        config.data.synthetic_labels = False
+    unlabelled = make_source(config.data, (4, 16, 16))
+    for i in range(6):
+        a, b = labelled.load(i, None), unlabelled.load(i, None)
+        np.testing.assert_array_equal(a["video"], b["video"])
+        assert b["label"] == -1
+        assert a["label"] == synthetic_clip(labelled.seed, i, (4, 16, 16), min_frames=labelled.min_frames,
+                                            texture=labelled.texture, motion=labelled.motion,
+                                            max_shapes=labelled.max_shapes, with_label=True)[2]

@@ -27,6 +27,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.synthetic_motion = 1.0  # scales pan, velocities and spin (0 = still pictures)
     d.synthetic_max_shapes = 3  # shapes per clip: 1 .. max_shapes
     d.synthetic_centered = False  # every shape starts at the frame's centre
+    # label each clip with the kind of its largest shape (0 disc, 1 square, 2 ring; else -1): the
+    # classes of a class-conditional SiT (configs/sit.py:cpu,classes=shapes)
+    d.synthetic_labels = False
     # a fraction of the clips moves at synthetic_fast_motion instead (a static / dynamic mix)
     d.synthetic_fast_fraction = 0.0
     d.synthetic_fast_motion = 1.0

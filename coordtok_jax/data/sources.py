@@ -40,13 +40,15 @@ class SyntheticSource:
 
     def __init__(self, shape, num_clips: int, seed: int, min_frames: Optional[int] = None, short_fraction: float = 0.25,
                  texture: float = 1.0, motion: float = 1.0, max_shapes: int = 3,
-                 centered: bool = False, fast_fraction: float = 0.0, fast_motion: float = 1.0):
+                 centered: bool = False, fast_fraction: float = 0.0, fast_motion: float = 1.0,
+                 labels: bool = False):
         if num_clips <= 0:
             raise DataError(f"synthetic: config.data.num_clips must be positive, got {num_clips}")
         self.shape, self.num_clips, self.seed = tuple(shape), int(num_clips), int(seed)
         self.min_frames, self.short_fraction, self.texture = min_frames, short_fraction, float(texture)
         self.motion, self.max_shapes, self.centered = float(motion), int(max_shapes), bool(centered)
         self.fast_fraction, self.fast_motion = float(fast_fraction), float(fast_motion)
+        self.labels = bool(labels)  # label = the kind of the clip's largest shape (else -1)
         clip_motion(self.seed, 0, self.motion, self.fast_fraction, self.fast_motion)  # checks the fraction
         self.name = f"synthetic(seed={seed}, {num_clips} clips)"
 
@@ -62,11 +64,11 @@ class SyntheticSource:
 
     def load(self, i, rng):
         del rng  # deterministic per index
-        video, n = synthetic_clip(self.seed, i, self.shape, min_frames=self.min_frames,
-                                  short_fraction=self.short_fraction, texture=self.texture,
-                                  motion=self.motion_of(i), max_shapes=self.max_shapes,
-                                  centered=self.centered)
-        return {"video": video, "n_frames": n, "label": -1}
+        video, n, label = synthetic_clip(self.seed, i, self.shape, min_frames=self.min_frames,
+                                         short_fraction=self.short_fraction, texture=self.texture,
+                                         motion=self.motion_of(i), max_shapes=self.max_shapes,
+                                         centered=self.centered, with_label=True)
+        return {"video": video, "n_frames": n, "label": label if self.labels else -1}
 
 
 def list_videos(root: epath.Path, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> tuple[list[str], list[str]]:
@@ -231,7 +233,8 @@ def make_source(data, shape, *, train: bool = True):
                                max_shapes=data.get("synthetic_max_shapes", 3),
                                centered=data.get("synthetic_centered", False),
                                fast_fraction=data.get("synthetic_fast_fraction", 0.0),
-                               fast_motion=data.get("synthetic_fast_motion", 1.0))
+                               fast_motion=data.get("synthetic_fast_motion", 1.0),
+                               labels=data.get("synthetic_labels", False))
     if kind == "folder":
         return FolderSource(data.root, shape, None if train else data.get("eval_list"))
     if kind == "array_record":

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# The class of a labelled clip (config.data.synthetic_labels): the kind of its largest shape.
+SHAPE_KINDS = ("disc", "square", "ring")
+
 
 def clip_motion(seed: int, index: int, motion: float, fast_fraction: float = 0.0, fast_motion: float = 1.0) -> float:
     """The motion scale of clip `index`: `fast_motion` for a `fast_fraction` of the clips (drawn
@@ -33,8 +36,10 @@ def synthetic_clip(
     motion: float = 1.0,
     max_shapes: int = 3,
     centered: bool = False,
-) -> tuple[np.ndarray, int]:
-    """Returns (frames uint8 (T, H, W, 3), n_frames).
+    with_label: bool = False,
+) -> tuple:
+    """Returns (frames uint8 (T, H, W, 3), n_frames), and with `with_label` also the clip's class:
+    the index in SHAPE_KINDS of its largest shape (the first drawn among equal sizes).
 
     `texture` scales the background's gratings and checker and the shapes' stripes (1: the default
     data; 0: flat backgrounds and flat shapes; the clip's layout and motion do not change).
@@ -67,9 +72,12 @@ def synthetic_clip(
     video += texture * 0.08 * (checker - 0.5)
 
     # Shapes: discs, rotating squares and rings, moving and bouncing at varied speeds.
+    label, largest = -1, 0.0
     for _ in range(rng.integers(1, max_shapes + 1)):
         kind = rng.integers(0, 3)
         size = rng.uniform(0.08, 0.25)
+        if size > largest:
+            label, largest = int(kind), size
         pos = rng.uniform(size, 1 - size, size=2)
         if centered:
             pos = np.full(2, 0.5)
@@ -102,4 +110,4 @@ def synthetic_clip(
     if min_frames is not None and min_frames < T and rng.uniform() < short_fraction:
         n_frames = int(rng.integers(max(1, min_frames), T))
         frames[n_frames:] = 0
-    return frames, n_frames
+    return (frames, n_frames, label) if with_label else (frames, n_frames)
