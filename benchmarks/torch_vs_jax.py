@@ -18,7 +18,8 @@ separately). Both frameworks use all CPU cores (torch.get_num_threads() is print
 `--variants` times JAX variants of the same model side by side against the one PyTorch measurement:
 `default` (the model as configured), `jax_nn` (attention through jax.nn.dot_product_attention's XLA
 implementation instead of models/layers.py plain_attention), `scan` (layer stacks scanned one
-layer per iteration, scan_unroll=1), `unroll` (stacks fully unrolled); combine with '+'.
+layer per iteration, scan_unroll=1), `unroll` (stacks fully unrolled), `chunkN` (attention_impl='chunked' with N queries per chunk: the
+(N, keys) logits of a chunk stay in cache); combine with '+'.
 """
 
 from __future__ import annotations
@@ -44,14 +45,19 @@ def apply_variant(config, variant: str, plain):
     import jax
 
     parts = set(variant.split("+")) - {"default"}
-    unknown = parts - {"jax_nn", "scan", "unroll"}
-    if unknown:
-        raise app.UsageError(f"--variants: unknown {sorted(unknown)}; known: default, jax_nn, scan, unroll")
+    chunks = {p for p in parts if p.startswith("chunk") and p[5:].isdigit() and int(p[5:]) > 0}
+    unknown = parts - {"jax_nn", "scan", "unroll"} - chunks
+    if unknown or len(chunks) > 1:
+        raise app.UsageError(f"--variants: unknown {sorted(unknown or chunks)}; known: default, jax_nn, scan, unroll, "
+                             "chunkN (one per variant)")
     with config.unlocked():
         if "scan" in parts:
             config.model.scan_unroll = 1
         if "unroll" in parts:
             config.model.scan_unroll = 64
+        for c in chunks:  # query-chunked attention, N queries per chunk
+            config.model.attention_impl = "chunked"
+            config.model.attention_query_chunk = int(c[5:])
     if "jax_nn" in parts:
         return lambda q, k, v, *, bias=None, mask=None, scale: jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
