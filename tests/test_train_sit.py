@@ -182,3 +182,29 @@ def test_commands_on_the_wrong_kind_of_run_name_it_and_the_right_command(sit_run
         sample(str(config.tokenizer), str(tmp_path / "s"), num_videos=1, batch=1, steps=1, progress=False)
     with pytest.raises(ValueError, match=r"holds a CoordTok tokenizer run .*sit-export cannot read it"):
         sit_export(str(config.tokenizer), str(tmp_path / "y.pth"))
+
+
+def test_class_conditional_sit_refuses_unlabelled_clips(tmp_path):
+    """num_classes > 1 on unlabelled synthetic clips is refused before anything is loaded or
+    written (the labels would all be -1); labelled clips pass; an out-of-range label is named."""
+    from coordtok_jax.generation.train_sit import check_labels
+    from coordtok_jax.models import ConfigError
+
+    config = _tiny_sit_config(tokenizer=str(tmp_path / "no_tokenizer"))
+    with config.unlocked():
+        config.model.num_classes, config.model.class_dropout_prob = 3, 0.1
+        config.mesh.shape, config.batch_size = (-1, 1), 8  # the 8 simulated devices
+    with pytest.raises(ConfigError, match=r"num_classes=3 needs every clip's label in \[0, 3\), but config\.data "
+                                          r"\(source 'synthetic'\) gave label -1: set config\.data\.synthetic_labels"):
+        train_sit(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with config.unlocked():
+        config.data.synthetic_labels = True
+    check_labels(config, np.array([0, 2, 1]))
+    with config.unlocked():
+        config.model.num_classes = 2
+    with pytest.raises(ConfigError, match=r"num_classes=2 needs .* gave label 2$"):
+        check_labels(config, np.array([0, 2]))
+    with config.unlocked():
+        config.model.num_classes = 1  # the official unconditional model ignores labels
+    check_labels(config, np.array([-1, 5]))

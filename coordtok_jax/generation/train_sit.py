@@ -192,6 +192,24 @@ def validate_sit_config(config, mesh, num_processes: int) -> None:
     check_batch(config, mesh, num_processes)
 
 
+def check_labels(config, labels) -> None:
+    """A class-conditional SiT (config.model.num_classes > 1) trains on labels in [0, num_classes):
+    a clip without a label (-1) or with one out of range is a ConfigError naming where the labels
+    come from (the unconditional official model ignores labels)."""
+    k = int(config.model.num_classes)
+    labels = np.asarray(labels)
+    bad = labels[(labels < 0) | (labels >= k)] if k > 1 else labels[:0]
+    if bad.size:
+        if config.get("latents"):
+            where = f"the latent cache {config.latents}"
+        else:
+            where = f"config.data (source {config.data.source!r})"
+        hint = (": set config.data.synthetic_labels=True (configs/sit.py:SIZE,classes=shapes)"
+                if config.data.source == "synthetic" and not config.data.get("synthetic_labels", False) else "")
+        raise ConfigError(f"config.model.num_classes={k} needs every clip's label in [0, {k}), but {where} gave "
+                          f"label {int(bad[0])}{hint}")
+
+
 def train_sit(config, workdir: str) -> dict:
     # --- distributed, mesh, config, workdir -------------------------------------------------
     maybe_initialize_distributed(config.get("distributed", "auto"))
@@ -203,6 +221,8 @@ def train_sit(config, workdir: str) -> dict:
     validate_sit_config(config, mesh, jax.process_count())
     if cache:
         config, meta = _adopt_cache(config)
+    if config.data.source == "synthetic" and not config.data.get("synthetic_labels", False):
+        check_labels(config, [-1])  # unlabelled synthetic clips: refused before anything is loaded
     with loop.prepared_workdir(workdir, config) as (workdir, is_main):
         done = loop.finished(workdir, config)
         if done:
@@ -228,6 +248,7 @@ def _train_sit(config, workdir, is_main, mesh, cache: bool) -> dict:
     rules = sharding_lib.rules_of(config)
 
     def global_batch(local):
+        check_labels(config, local["label"])
         return {k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, rules, np.shape(v)),
                                                           np.asarray(v))
                 for k, v in local.items() if k in keys}
