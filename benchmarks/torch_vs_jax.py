@@ -18,8 +18,8 @@ separately). Both frameworks use all CPU cores (torch.get_num_threads() is print
 `--variants` times JAX variants of the same model side by side against the one PyTorch measurement:
 `default` (the model as configured), `jax_nn` (attention through jax.nn.dot_product_attention's XLA
 implementation instead of models/layers.py plain_attention), `scan` (layer stacks scanned one
-layer per iteration, scan_unroll=1), `unroll` (stacks fully unrolled), `chunkN` (attention_impl='chunked' with N queries per chunk: the
-(N, keys) logits of a chunk stay in cache); combine with '+'.
+layer per iteration, scan_unroll=1), `unroll` (stacks fully unrolled), `chunkN` (attention_impl=
+'chunked', N queries per chunk: a chunk's (N, keys) logits stay in cache); combine with '+'.
 """
 
 from __future__ import annotations

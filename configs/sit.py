@@ -81,8 +81,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """ARG = SIZE[,runlocal]: SIZE in {S/2, B/2, L/2, XL/2, tiny, cpu}; runlocal: SIZE's model with a
-    schedule that runs on a CPU (implied by tiny and cpu)."""
+    """ARG = SIZE[,classes=shapes][,runlocal]: SIZE in {S/2, B/2, L/2, XL/2, tiny, cpu}; classes=shapes:
+    class-conditional on the synthetic clips' largest shape; runlocal: SIZE's model with a schedule
+    that runs on a CPU (implied by tiny and cpu)."""
     size, options = config_lib.parse_arg(arg, sizes=list(_SIZES), default="tiny", local_sizes=LOCAL_SIZES,
                                          options={"classes": ("shapes",)})
     local = options["runlocal"]
@@ -156,8 +157,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if size == "cpu":  # the cpu tokenizer's data, and the recipe above
         config_lib.override(config, {**CPU_DATA, **CPU_RECIPE})
     if options.get("classes") == "shapes":  # class-conditional on the synthetic clips' largest shape
-        if config.data.source != "synthetic":
-            raise ValueError(f"config argument {arg!r}: classes=shapes needs config.data.source='synthetic'")
         config_lib.override(config, {"data.synthetic_labels": True, "model.num_classes": len(SHAPE_KINDS),
                                      "model.class_dropout_prob": 0.1})
     return config

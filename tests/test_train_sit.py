@@ -208,3 +208,7 @@ def test_class_conditional_sit_refuses_unlabelled_clips(tmp_path):
     with config.unlocked():
         config.model.num_classes = 1  # the official unconditional model ignores labels
     check_labels(config, np.array([-1, 5]))
+    with config.unlocked():  # a latent cache encoded without labels: the fix is to encode it again
+        config.model.num_classes, config.latents, config.data.synthetic_labels = 3, "/caches/unlabelled", False
+    with pytest.raises(ConfigError, match=r"the latent cache /caches/unlabelled gave label -1: encode it again"):
+        check_labels(config, np.array([-1]))

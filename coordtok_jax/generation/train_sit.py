@@ -200,12 +200,14 @@ def check_labels(config, labels) -> None:
     labels = np.asarray(labels)
     bad = labels[(labels < 0) | (labels >= k)] if k > 1 else labels[:0]
     if bad.size:
+        unlabelled_synthetic = config.data.source == "synthetic" and not config.data.get("synthetic_labels", False)
         if config.get("latents"):
             where = f"the latent cache {config.latents}"
+            hint = ": encode it again with configs/sit.py:SIZE,classes=shapes" if unlabelled_synthetic else ""
         else:
             where = f"config.data (source {config.data.source!r})"
-        hint = (": set config.data.synthetic_labels=True (configs/sit.py:SIZE,classes=shapes)"
-                if config.data.source == "synthetic" and not config.data.get("synthetic_labels", False) else "")
+            hint = (": set config.data.synthetic_labels=True (configs/sit.py:SIZE,classes=shapes)"
+                    if unlabelled_synthetic else "")
         raise ConfigError(f"config.model.num_classes={k} needs every clip's label in [0, {k}), but {where} gave "
                           f"label {int(bad[0])}{hint}")
 
