@@ -143,3 +143,58 @@ def test_splash_attention_compiles_for_a_tpu_topology():
         sit_config.mesh.shape = (4, 2)
     compiled, _ = aot.compile_program(compile_lib.prepare(sit_config, target))
     assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()
+
+
+# An optimized-HLO excerpt in the shape XLA's TPU compiler writes (test_collective_pieces...):
+# one all-gather of a (64, 128) table spread over three fusions that share its channel id (one
+# before a loop, two inside the 8-layer loop's body), a per-layer weight gather inside the body,
+# and a combined all-reduce (a tuple of two gradients) after the loop.
+_PIECES_HLO = """\
+HloModule pieces
+
+%piece.1 (p0: bf16[64,16], p1: bf16[64,128]) -> bf16[64,128] {
+  %p0 = bf16[64,16]{1,0} parameter(0)
+  ROOT %all-gather.1 = bf16[64,128]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,8]<=[8], dimensions={1}
+}
+
+%piece.2 (p0: bf16[64,16]) -> bf16[64,128] {
+  %p0 = bf16[64,16]{1,0} parameter(0)
+  ROOT %all-gather.2 = bf16[64,128]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,8]<=[8], dimensions={1}
+}
+
+%body (carry: (s32[], bf16[64,16], f32[32,32])) -> (s32[], bf16[64,16], f32[32,32]) {
+  %carry = (s32[], bf16[64,16], f32[32,32]) parameter(0)
+  %x = bf16[64,16]{1,0} get-tuple-element(%carry), index=1
+  %f2 = bf16[64,128]{1,0} fusion(%x), kind=kCustom, calls=%piece.2
+  %w = f32[32,4]{1,0} constant({...})
+  %ag = f32[32,32]{1,0} all-gather(%w), channel_id=9, replica_groups=[1,8]<=[8], dimensions={1}
+  %f3 = bf16[64,128]{1,0} fusion(%x), kind=kCustom, calls=%piece.2
+  ROOT %t = (s32[], bf16[64,16], f32[32,32]) tuple(%i, %x, %ag)
+}
+
+%cond (carry: (s32[], bf16[64,16], f32[32,32])) -> pred[] {
+  %carry = (s32[], bf16[64,16], f32[32,32]) parameter(0)
+  %i = s32[] get-tuple-element(%carry), index=0
+  %n = s32[] constant(8)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: bf16[64,16], g: f32[256]) -> f32[256] {
+  %a = bf16[64,16]{1,0} parameter(0)
+  %f1 = bf16[64,128]{1,0} fusion(%a), kind=kCustom, calls=%piece.1
+  %w = (s32[], bf16[64,16], f32[32,32]) while(%init), condition=%cond, body=%body
+  %g = f32[256]{0} parameter(1)
+  %ar = (f32[256]{0}, f32[1024]{0}) all-reduce(%g, %h), channel_id=11, replica_groups=[1,8]<=[8], to_apply=%add
+  ROOT %r = f32[256]{0} get-tuple-element(%ar), index=0
+}
+"""
+
+
+def test_collective_pieces_count_once_and_combined_collectives_sum():
+    counts = aot.collectives(_PIECES_HLO)
+    # the table's gather (3 pieces, one outside the loop) once + the weight gather once per layer
+    assert counts["all-gather"]["ops"] == 2
+    assert counts["all-gather"]["count"] == 1 + 8
+    assert counts["all-gather"]["bytes"] == 64 * 128 * 2 + 8 * 32 * 32 * 4
+    # the combined all-reduce moves both of its arrays
+    assert counts["all-reduce"] == {"ops": 1, "count": 1.0, "bytes": (256 + 1024) * 4.0}

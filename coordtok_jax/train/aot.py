@@ -107,14 +107,26 @@ def device_memory_gib(device) -> Optional[float]:
     return round(limit / GiB, 2) if limit else None
 
 
-def _shape_bytes(type_text: str) -> float:
-    """Bytes of the largest array in an HLO result type ('f32[2,64]{1,0}' or a tuple of them)."""
-    best = 0.0
+def _array_bytes(type_text: str) -> list[float]:
+    """Bytes of each array in an HLO result type ('f32[2,64]{1,0}' or a tuple of them), in order."""
+    out = []
     for dtype, dims in re.findall(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]", type_text):
         if dtype in _DTYPE_BYTES:
             n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-            best = max(best, n * _DTYPE_BYTES[dtype])
-    return best
+            out.append(n * _DTYPE_BYTES[dtype])
+    return out
+
+
+def _collective_bytes(type_text: str, opcode: str) -> float:
+    """Bytes a collective delivers per chip, from its result type. A combined collective (XLA
+    merges small ones into one op with a tuple result) moves the sum of its arrays; an async
+    `all-gather-start` / `collective-permute-start` returns (operands, results[, contexts]), of
+    which the results count."""
+    arrays = _array_bytes(type_text)
+    if opcode in ("all-gather-start", "collective-permute-start") and len(arrays) >= 2:
+        arrays = [a for a in arrays if a > 4] or arrays  # drop u32[] / s32[] context scalars
+        arrays = arrays[len(arrays) // 2:]
+    return float(sum(arrays))
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
@@ -155,24 +167,30 @@ def _trip_count(while_rest: str, comps: dict[str, list[str]]) -> int:
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
-    """{kind: {'ops': ops in the HLO, 'count': executions per call, 'bytes': bytes per call}}.
+    """{kind: {'ops': collectives in the HLO, 'count': executions per call, 'bytes': bytes per call}}.
 
     A kind's async pair (`all-gather-start` / `-done`) counts once. An op inside a `while` body
-    executes once per iteration (layer scans: once per layer); bytes are the op's result size per
-    chip (the gathered array for all-gather, the shard for reduce-scatter).
+    executes once per iteration (layer scans: once per layer); bytes are what the op delivers per
+    chip (the gathered array for all-gather, the shard for reduce-scatter, the sum over the arrays
+    of a combined collective). One collective that XLA's TPU scheduler spreads over several
+    fusions to overlap it with compute (its pieces share the channel id and the result type, and
+    may sit in several loops that each carry part of its progress) counts once, at the
+    executions of its least repeated piece.
     """
     comps, entry = _computations(hlo_text)
-    ops: dict[str, list[tuple[str, float]]] = defaultdict(list)  # computation -> [(kind, bytes)]
+    ops: dict[str, list[tuple[str, float, Any]]] = defaultdict(list)  # computation -> [(kind, bytes, key)]
     calls: dict[str, list[tuple[str, int]]] = defaultdict(list)  # computation -> [(callee, times)]
     for name, lines in comps.items():
-        for line in lines:
+        for n, line in enumerate(lines):
             inst = _INSTRUCTION.match(line)
             if not inst:
                 continue
             type_text, opcode, rest = inst.groups()
             kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
             if kind in COLLECTIVES:
-                ops[name].append((kind, _shape_bytes(type_text)))
+                channel = re.search(r"\bchannel_id=(\d+)", rest)
+                key = (kind, channel.group(1), type_text) if channel else (name, n)
+                ops[name].append((kind, _collective_bytes(type_text, opcode), key))
             trips = _trip_count(rest, comps) if opcode == "while" else 1
             for attr, listed, single in _CALLEES.findall(rest):
                 for callee in (listed or single).split(","):
@@ -191,14 +209,18 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
 
     if entry is not None:
         visit(entry, 1.0)
-    out: dict[str, dict[str, float]] = {}
+    logical: dict[Any, tuple[str, float, float]] = {}  # key -> (kind, bytes, executions)
     for comp, items in ops.items():
         mult = times.get(comp, 1.0) or 1.0
-        for kind, nbytes in items:
-            row = out.setdefault(kind, {"ops": 0, "count": 0.0, "bytes": 0.0})
-            row["ops"] += 1
-            row["count"] += mult
-            row["bytes"] += mult * nbytes
+        for kind, nbytes, key in items:
+            seen = logical.get(key)
+            logical[key] = (kind, nbytes, mult if seen is None else min(seen[2], mult))
+    out: dict[str, dict[str, float]] = {}
+    for kind, nbytes, mult in logical.values():
+        row = out.setdefault(kind, {"ops": 0, "count": 0.0, "bytes": 0.0})
+        row["ops"] += 1
+        row["count"] += mult
+        row["bytes"] += mult * nbytes
     return out
 
 
