@@ -11,7 +11,8 @@ Rows per config:
 * encode: one batch of clips -> planes (no gradient).
 * decode video: every patch of the clip in one joint decoder call per video ("all" mode).
 
-`medium` is the S model (width 384, 8/12/12 layers) on 32x64x64 clips, as in train_step.py.
+`medium` is the S model (Table 5 Small: width 512, 8 heads, 8/8/8 layers; 91M parameters at this
+clip size) on 32x64x64 clips, as in train_step.py.
 Medians over --steps timed calls after a warm-up call (which includes JAX compilation, reported
 separately). Both frameworks use all CPU cores (torch.get_num_threads() is printed).
 

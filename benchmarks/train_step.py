@@ -3,9 +3,9 @@ r"""Train-step throughput: step time, videos/s, MFU and peak memory.
     python benchmarks/train_step.py [--sizes=tiny,medium] [--steps=5] [--batch=0] [--dtype=float32]
         [--remat=none] [--attention=default]
 
-`medium` is the S model (width 384, 8/12/12 layers) on 32x64x64 clips with 256 points; other
-names are configs/coordtok.py sizes (L, B, S, tiny) at their own geometry. --batch=0 keeps each
-config's batch (tiny 8, medium 2, others 8 per device). Runs on one device of whatever backend
+`medium` is the S model (Table 5 Small: width 512, 8 heads, 8/8/8 layers) on 32x64x64 clips with
+256 points; other names are configs/coordtok.py sizes (L, B, S, tiny) at their own geometry.
+--batch=0 keeps each config's batch (tiny 8, medium 2, others 8 per device). Runs on one device of whatever backend
 JAX has; reports the analytic MFU where the device's bf16 peak is known and peak memory (device
 stats on GPU/TPU, process max RSS on CPU).
 """

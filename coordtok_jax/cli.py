@@ -15,6 +15,9 @@ and the exit status is 2, not a traceback. Flags are absl's underscore names; th
 of any of them (`--num-videos`) is accepted as an alias. `--help` exits 0; a flag or config
 override that does not parse (an unknown field, a bad value, a missing config file) is one
 `error: ...` line (with absl's "did you mean" suggestion) and exit status 2.
+
+On a CPU host, `run` first re-executes the tool under a page-retaining allocator when one is
+installed (tcmalloc or jemalloc; coordtok_jax/allocator.py says why and how to opt out).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
+from coordtok_jax import allocator
 from coordtok_jax.errors import UserError
 
 
@@ -35,7 +39,14 @@ def run(module_name: str, define_flags: Callable[[], None], main: Callable, erro
     The preamble every tool shares, before `main(argv)`: the flags in `required` must be given
     ("--a and --b are required{hint} (see --help)"), positional arguments are refused unless
     `positional`, and absl logging shows `log_level` and above (Orbax logs every save at INFO;
-    trainers keep their warnings) unless --verbosity is given."""
+    trainers keep their warnings) unless --verbosity is given. On a CPU host the tool first
+    re-executes itself under a page-retaining allocator when one is installed (allocator.py)."""
+    if not any(a in HELP for a in sys.argv[1:]):
+        try:
+            allocator.reexec()
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     define_flags()
     module = sys.modules[module_name]
     defined_in = sys.argv[0] if module_name == "__main__" else module_name

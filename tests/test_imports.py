@@ -12,7 +12,7 @@ MAX_LINES = 450
 # The data flow, lowest first: a module may import its own layer and the layers before it. Keys are
 # module prefixes under coordtok_jax (a package and everything in it, or one module).
 LAYERS = [
-    ("errors", "sharding", "remote", "cli", "pictures"),  # shared by every layer
+    ("errors", "sharding", "remote", "cli", "allocator", "pictures"),  # shared by every layer
     ("data",),  # sources of clips -> model input
     ("models",),  # CoordTok, its decoding, the SiT
     ("io",),  # .pth files, checkpoints, loading a trained run
