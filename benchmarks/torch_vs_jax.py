@@ -19,8 +19,9 @@ separately). Both frameworks use all CPU cores (torch.get_num_threads() is print
 `--variants` times JAX variants of the same model side by side against the one PyTorch measurement:
 `default` (the model as configured), `jax_nn` (attention through jax.nn.dot_product_attention's XLA
 implementation instead of models/layers.py plain_attention), `scan` (layer stacks scanned one
-layer per iteration, scan_unroll=1), `unroll` (stacks fully unrolled), `chunkN` (attention_impl=
-'chunked', N queries per chunk: a chunk's (N, keys) logits stay in cache); combine with '+'.
+layer per iteration, scan_unroll=1), `unroll` (stacks fully unrolled), `loop` (scan_layers=False:
+one parameter tree per layer, a Python loop), `chunkN` (attention_impl='chunked', N queries per
+chunk: a chunk's (N, keys) logits stay in cache); combine with '+'.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _SIZES = flags.DEFINE_list("sizes", ["tiny", "medium"], "Configs: tiny, medium, 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per measurement after one warm-up call.")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Videos per encode / full-video decode call.")
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch model: cpu or cuda.")
-_VARIANTS = flags.DEFINE_list("variants", ["default"], "JAX variants: default, jax_nn, scan, unroll, combined with +.")
+_VARIANTS = flags.DEFINE_list("variants", ["default"], "JAX variants: default, jax_nn, scan, unroll, loop, chunkN, combined with +.")
 
 
 def apply_variant(config, variant: str, plain):
@@ -47,15 +48,17 @@ def apply_variant(config, variant: str, plain):
 
     parts = set(variant.split("+")) - {"default"}
     chunks = {p for p in parts if p.startswith("chunk") and p[5:].isdigit() and int(p[5:]) > 0}
-    unknown = parts - {"jax_nn", "scan", "unroll"} - chunks
+    unknown = parts - {"jax_nn", "scan", "unroll", "loop"} - chunks
     if unknown or len(chunks) > 1:
         raise app.UsageError(f"--variants: unknown {sorted(unknown or chunks)}; known: default, jax_nn, scan, unroll, "
-                             "chunkN (one per variant)")
+                             "loop, chunkN (one per variant)")
     with config.unlocked():
         if "scan" in parts:
             config.model.scan_unroll = 1
         if "unroll" in parts:
             config.model.scan_unroll = 64
+        if "loop" in parts:
+            config.model.scan_layers = False
         for c in chunks:  # query-chunked attention, N queries per chunk
             config.model.attention_impl = "chunked"
             config.model.attention_query_chunk = int(c[5:])

@@ -98,6 +98,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.attention_query_chunk = 1024  # queries per chunk when attention_impl='chunked'
     m.remat_policy = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'.
     m.scan_unroll = 1  # layers per iteration of the layer scans (parameters stay stacked)
+    # Layer stacks: True, parameters stacked on a 'layers' axis + lax.scan (short compiles);
+    # False, one parameter tree per layer in a Python loop (~20% faster steps on CPU).
+    m.scan_layers = True
     # Nested triplane tokens (models/nested.py; off = the official model): the temporal planes cut
     # into token_blocks blocks, each decodable at any of token_levels (fractions of its cells).
     m.nested_tokens = False

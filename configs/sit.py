@@ -77,6 +77,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.attention_query_chunk = 1024
     m.remat_policy = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
     m.scan_unroll = 1  # layers per iteration of the layer scans (parameters stay stacked)
+    # Layer stacks: True, parameters stacked on a 'layers' axis + lax.scan (short compiles);
+    # False, one parameter tree per layer in a Python loop (~20% faster steps on CPU).
+    m.scan_layers = True
     return m
 
 

@@ -65,8 +65,10 @@ def test_torch_model_state_dict_is_the_official_one(reference_dir, size):
         assert ref["total_numel"] == 853_410_496
 
 
-def test_round_trips_are_bit_exact():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_round_trips_are_bit_exact(scan_layers):
     cfg = medium_config()
+    cfg.scan_layers = scan_layers  # stacked layers or one tree per layer
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: CoordTok(cfg, rngs=nnx.Rngs(0))), nnx.Param))
     rng = np.random.default_rng(3)  # JAX-side parameters: every value distinct
     model = model_from_params(jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), abstract), cfg)
@@ -94,11 +96,13 @@ def _clips(cfg, batch, n_frames, seed):
     return video, np.asarray(n_frames, np.int64)
 
 
-@pytest.mark.parametrize("which,mode", [("tiny", "official"), ("medium", "official"), ("medium", "exclude")])
+@pytest.mark.parametrize("which,mode", [("tiny", "official"), ("tiny_per_layer", "official"), ("medium", "official"),
+                                        ("medium", "exclude")])
 def test_jax_matches_pytorch_model(which, mode):
-    if which == "tiny":
+    if which.startswith("tiny"):
         cfg = coordtok.model_config("tiny")
         cfg.padding_mask = mode
+        cfg.scan_layers = which == "tiny"  # tiny_per_layer: one parameter tree per layer
         n_frames = [16, 7, 3]
     else:
         cfg = medium_config(mode)

@@ -276,3 +276,36 @@ def test_scan_unroll_changes_nothing_but_the_loop():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     with pytest.raises(Exception, match="scan_unroll must be a positive integer, got 0"):
         CoordTok(tiny(scan_unroll=0), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("remat", ["none", "nothing_saveable"])
+def test_per_layer_stacks_compute_what_the_scanned_ones_do(remat):
+    """model.scan_layers=False: one parameter tree per layer (no 'layers' axis), run in a Python
+    loop; given the scanned model's weights (moved through the official layout) it gives the same
+    outputs and gradients, with and without remat."""
+    from coordtok_jax.convert.coordtok import from_official, to_official
+    from coordtok_jax.convert.torch_io import model_from_params
+
+    scanned = CoordTok(tiny(remat_policy=remat), rngs=nnx.Rngs(3))
+    cfg = tiny(scan_layers=False, remat_policy=remat)
+    per_layer = model_from_params(from_official(to_official(_params(scanned)), cfg), cfg)
+    blocks = _params(per_layer)["decoder"]["transformer"]["layers"]["blocks"]
+    assert sorted(blocks) == list(range(cfg.dec_num_layers))
+    assert blocks[1]["mlp"]["fc1"]["kernel"].shape == (cfg.dec_embed_dim, int(cfg.dec_embed_dim * cfg.mlp_ratio))
+    spec = nnx.get_partition_spec(nnx.state(per_layer, nnx.Param))
+    assert tuple(spec["decoder"]["transformer"]["layers"]["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()) == ("embed", "mlp")
+    assert count_params(per_layer) == count_params(scanned)
+
+    video = _video(jax.random.key(4), tiny().video_shape)
+    coords = jax.random.uniform(jax.random.key(5), (2, 40, 3))
+    n = jnp.array([16, 7])
+    grad = nnx.jit(nnx.value_and_grad(lambda m: jnp.sum(m(video, n, coords) ** 2)))
+    (l_scan, g_scan), (l_loop, g_loop) = grad(scanned), grad(per_layer)
+    np.testing.assert_allclose(np.asarray(l_loop), np.asarray(l_scan), rtol=1e-5)
+    g_scan, g_loop = to_official(nnx.to_pure_dict(g_scan)), to_official(nnx.to_pure_dict(g_loop))
+    assert list(g_scan) == list(g_loop)
+    for k in g_scan:
+        np.testing.assert_allclose(np.asarray(g_loop[k]), np.asarray(g_scan[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+    from coordtok_jax.models.config import scan_layers
+    with pytest.raises(Exception, match="config.model.scan_layers must be True or False, got 'no'"):
+        scan_layers({"scan_layers": "no"})

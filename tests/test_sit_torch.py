@@ -103,8 +103,9 @@ def test_jax_matches_pytorch(case):
         np.testing.assert_allclose(plain[0][0::2].numpy(), want[0][0::2].numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_round_trips_are_bit_exact():
-    cfg = medium()
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_round_trips_are_bit_exact(scan_layers):
+    cfg = medium(scan_layers=scan_layers)
     tree = random_tree(cfg, seed=3)  # JAX side: every value distinct
     sd = sit_to_torch_state_dict(sit_model_from_params(tree, cfg))
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in sd.values())

@@ -431,3 +431,28 @@ def test_the_main_job_config_learns_what_no_constant_output_can(tmp_path):
     assert psnr[0] == 300 and psnr[1] > constant + 1.0, (psnr, constant)
     assert f"held-out PSNR {psnr[1]:.2f} dB" in r.stdout  # the end-of-run message says where to look
     assert (tmp_path / "samples" / "step_00000300.png").exists() and (tmp_path / "psnr.png").exists()
+
+
+def test_a_per_layer_run_restores_bit_exact_and_refuses_the_scanned_layout(tmp_path):
+    """model.scan_layers=False (one parameter tree per layer): Orbax saves and restores that tree
+    (a resume from step 3 ends bit-exact with the straight run's step 6), and resuming it with the
+    stacked layout is refused, naming the field."""
+    import shutil
+
+    config = tiny(total_steps=6, save_every=3, eval_every=0, log_every=3, **{"model.scan_layers": False})
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = trainer.train(config, str(tmp_path))
+    blocks = summary["params"]["decoder"]["transformer"]["layers"]["blocks"]
+    assert sorted(blocks) == list(range(config.model.dec_num_layers))
+    want, _ = _params(tmp_path, summary["params"])
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer.train(config, str(tmp_path))
+    assert f"resumed from {tmp_path}/checkpoints/3" in printed.getvalue()
+    got, step = _params(tmp_path, summary["params"])
+    assert step == 6
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(Exception, match="model.scan_layers: false -> true"):
+        trainer.train(tiny(total_steps=9, save_every=3, eval_every=0), str(tmp_path))

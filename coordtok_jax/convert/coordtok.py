@@ -11,7 +11,8 @@ key order:
 * Conv3d / Conv2d patch embeddings: torch (out, in, *kernel) = Flax (*kernel, in, out) with the
   last two axes moved to the front, reversed.
 * LayerNorm: weight = scale, bias = bias.
-* Stacked layers: `...layers.blocks.X` row i = `...layers.{i}.X`; the cross/self encoder's
+* Layer stacks: `...layers.blocks.X` row i (model.scan_layers=True, stacked) or
+  `...layers.blocks.{i}.X` (scan_layers=False, one tree per layer) = `...layers.{i}.X`; the cross/self encoder's
   MLP is `mlp.0` / `mlp.3` (nn.Sequential(Linear, GELU, Dropout, Linear)) and its attention is
   `in_proj_weight` / `out_proj.weight` (bias-free nn.MultiheadAttention).
 * Learned tables (weight tokens, cls token, positional tables incl. the decoder's
@@ -32,7 +33,7 @@ import numpy as np
 
 from coordtok_jax import sharding as sharding_lib
 from coordtok_jax.errors import UserError
-from coordtok_jax.models.config import validate
+from coordtok_jax.models.config import scan_layers, validate
 
 # Prefixes that official checkpoint files add or carry besides the model itself.
 DDP_PREFIX = "module."
@@ -77,19 +78,39 @@ def layer_counts(config: Any) -> tuple[int, int, int]:
     return int(config.enc_patch_num_layers), int(config.enc_num_layers), int(config.dec_num_layers)
 
 
+def is_per_layer(blocks: Mapping) -> bool:
+    """Whether a stack's `blocks` subtree is one tree per layer (keys 0, 1, ...: scan_layers=False)
+    rather than stacked (scan_layers=True)."""
+    return bool(blocks) and all(str(k).isdigit() for k in blocks)
+
+
+def stack_depth(blocks: Mapping, leaf: tuple[str, ...]) -> int:
+    """A stack's depth, read off its `blocks` subtree in either layout (`leaf`: a path in one block)."""
+    if is_per_layer(blocks):
+        return len(blocks)
+    return int(_lookup(blocks, leaf).shape[0])
+
+
 def layer_counts_of(params: Mapping) -> tuple[int, int, int]:
-    """The same depths, read off a parameter tree (the stacked 'layers' axis)."""
-    enc = params["encoder"]
+    """The same depths, read off a parameter tree (either layer-stack layout)."""
+    enc, leaf = params["encoder"], ("norm1", "scale")
     return (
-        int(enc["encoder"]["layers"]["blocks"]["norm1"]["scale"].shape[0]),
-        int(enc["transformer"]["layers"]["blocks"]["norm1"]["scale"].shape[0]),
-        int(params["decoder"]["transformer"]["layers"]["blocks"]["norm1"]["scale"].shape[0]),
+        stack_depth(enc["encoder"]["layers"]["blocks"], leaf),
+        stack_depth(enc["transformer"]["layers"]["blocks"], leaf),
+        stack_depth(params["decoder"]["transformer"]["layers"]["blocks"], leaf),
     )
 
 
-def official_entries(depths: tuple[int, int, int]) -> list[Entry]:
+def stack_entry(path: str, i: int, scanned: bool) -> tuple[str, Optional[int]]:
+    """(path, row) of layer `i`'s parameters under a stack's `blocks` path: row i of the stacked
+    arrays, or the per-layer subtree `blocks.{i}`."""
+    return (path, i) if scanned else (f"{path}.{i}", None)
+
+
+def official_entries(depths: tuple[int, int, int], scanned: bool = True) -> list[Entry]:
     """Every tensor of the official CoordTok state_dict, in its order, for the given
-    (ViT3D, cross/self encoder, decoder) depths (see `layer_counts`)."""
+    (ViT3D, cross/self encoder, decoder) depths (see `layer_counts`) and layer-stack layout
+    (`scanned`: config.model.scan_layers)."""
     n_vit, n_enc, n_dec = depths
     out: list[Entry] = []
 
@@ -111,13 +132,13 @@ def official_entries(depths: tuple[int, int, int]) -> list[Entry]:
 
     def vit_blocks(key, path, n, qkv_bias):
         for i in range(n):
-            k, p = f"{key}.layers.{i}", f"{path}.layers.blocks"
-            norm(f"{k}.norm1", f"{p}.norm1", i)
-            linear(f"{k}.attn.qkv", f"{p}.attn.qkv", qkv_bias, i)
-            linear(f"{k}.attn.proj", f"{p}.attn.proj", True, i)
-            norm(f"{k}.norm2", f"{p}.norm2", i)
-            linear(f"{k}.mlp.fc1", f"{p}.mlp.fc1", True, i)
-            linear(f"{k}.mlp.fc2", f"{p}.mlp.fc2", True, i)
+            k, (p, r) = f"{key}.layers.{i}", stack_entry(f"{path}.layers.blocks", i, scanned)
+            norm(f"{k}.norm1", f"{p}.norm1", r)
+            linear(f"{k}.attn.qkv", f"{p}.attn.qkv", qkv_bias, r)
+            linear(f"{k}.attn.proj", f"{p}.attn.proj", True, r)
+            norm(f"{k}.norm2", f"{p}.norm2", r)
+            linear(f"{k}.mlp.fc1", f"{p}.mlp.fc1", True, r)
+            linear(f"{k}.mlp.fc2", f"{p}.mlp.fc2", True, r)
 
     for plane in ("xy", "yt", "xt"):
         add(f"weight_tokens_{plane}", f"weight_tokens_{plane}")
@@ -130,16 +151,16 @@ def official_entries(depths: tuple[int, int, int]) -> list[Entry]:
     for plane in ("xy", "yt", "xt"):
         conv(f"encoder.patch_embeds_{plane}.proj", f"encoder.patch_embeds_{plane}")
     for i in range(n_enc):
-        k, p = f"encoder.transformer.layers.{i}", "encoder.transformer.layers.blocks"
-        norm(f"{k}.norm1", f"{p}.norm1", i)
-        add(f"{k}.cross_attn.in_proj_weight", f"{p}.cross_attn.qkv.kernel", "linear", i)
-        add(f"{k}.cross_attn.out_proj.weight", f"{p}.cross_attn.proj.kernel", "linear", i)
-        norm(f"{k}.norm2", f"{p}.norm2", i)
-        add(f"{k}.self_attn.in_proj_weight", f"{p}.self_attn.qkv.kernel", "linear", i)
-        add(f"{k}.self_attn.out_proj.weight", f"{p}.self_attn.proj.kernel", "linear", i)
-        norm(f"{k}.norm3", f"{p}.norm3", i)
-        linear(f"{k}.mlp.0", f"{p}.mlp.fc1", True, i)
-        linear(f"{k}.mlp.3", f"{p}.mlp.fc2", True, i)
+        k, (p, r) = f"encoder.transformer.layers.{i}", stack_entry("encoder.transformer.layers.blocks", i, scanned)
+        norm(f"{k}.norm1", f"{p}.norm1", r)
+        add(f"{k}.cross_attn.in_proj_weight", f"{p}.cross_attn.qkv.kernel", "linear", r)
+        add(f"{k}.cross_attn.out_proj.weight", f"{p}.cross_attn.proj.kernel", "linear", r)
+        norm(f"{k}.norm2", f"{p}.norm2", r)
+        add(f"{k}.self_attn.in_proj_weight", f"{p}.self_attn.qkv.kernel", "linear", r)
+        add(f"{k}.self_attn.out_proj.weight", f"{p}.self_attn.proj.kernel", "linear", r)
+        norm(f"{k}.norm3", f"{p}.norm3", r)
+        linear(f"{k}.mlp.0", f"{p}.mlp.fc1", True, r)
+        linear(f"{k}.mlp.3", f"{p}.mlp.fc2", True, r)
     norm("encoder.transformer.norm", "encoder.transformer.norm")
     for plane in ("xy", "yt", "xt"):
         linear(f"encoder.projectors_{plane}", f"encoder.projectors_{plane}")
@@ -154,7 +175,7 @@ def official_entries(depths: tuple[int, int, int]) -> list[Entry]:
 def _lookup(tree: Mapping, path: tuple[str, ...]):
     node = tree
     for name in path:
-        node = node[name]
+        node = node[int(name)] if name.isdigit() and name not in node else node[name]
     return node
 
 
@@ -201,7 +222,8 @@ def to_official(params: Mapping) -> dict[str, Any]:
 
     Arrays keep their type: NumPy in, NumPy out (jax arrays work too).
     """
-    return apply_entries(params, official_entries(layer_counts_of(params)))
+    scanned = not is_per_layer(params["decoder"]["transformer"]["layers"]["blocks"])
+    return apply_entries(params, official_entries(layer_counts_of(params), scanned))
 
 
 def official_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -307,11 +329,11 @@ def from_official(arrays: Mapping[str, np.ndarray], config: Any, source: str = "
     all. Half-precision tensors are widened to float32 (exact).
     """
     check_official(arrays, config, source)
-    return tree_from_entries(arrays, official_entries(layer_counts(config)))
+    return tree_from_entries(arrays, official_entries(layer_counts(config), scan_layers(config)))
 
 
 def _insert(tree: dict, path: Iterable[str], value) -> None:
-    path = tuple(path)
+    path = tuple(int(n) if str(n).isdigit() else n for n in path)  # per-layer subtrees: keys 0, 1, ...
     node = tree
     for name in path[:-1]:
         node = node.setdefault(name, {})

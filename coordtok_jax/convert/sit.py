@@ -4,8 +4,9 @@
 (reference: sit_L2_state_dict.json) and our state tree (`nnx.to_pure_dict(nnx.state(model))`:
 the Params plus the `pos_embed_xy` Buffer), in the official key order. Layout rules are those of
 convert/coordtok.py (Linear weight = kernel transposed; timm `attn.qkv` (3D, D) = our (D, 3D)
-[Wq | Wk | Wv] transposed; Conv2d (out, in, kh, kw) = Flax (kh, kw, in, out); stacked blocks:
-row i of `blocks.blocks.X` = `blocks.{i}.X`), so conversions are bit-exact. Module names:
+[Wq | Wk | Wv] transposed; Conv2d (out, in, kh, kw) = Flax (kh, kw, in, out); blocks: row i of
+`blocks.blocks.X` (scan_layers=True) or `blocks.blocks.{i}.X` (False) = `blocks.{i}.X`), so
+conversions are bit-exact. Module names:
 official `t_embedder.mlp.0/2` = our `t_embedder.fc1/fc2`, `adaLN_modulation.1` (after the
 SiLU of an nn.Sequential) = our `adaLN_modulation`; everything else keeps its name.
 
@@ -30,18 +31,23 @@ from coordtok_jax.convert.coordtok import (
     ConversionError,
     Entry,
     is_float,
+    is_per_layer,
     apply_entries,
     mismatch_error,
+    stack_depth,
+    stack_entry,
     tree_from_entries,
 )
+from coordtok_jax.models.config import scan_layers
 from coordtok_jax.models.sit import sincos_2d, validate_sit
 
 POS_EMBED_TOLERANCE = 1e-6
 CHECKPOINT_PARTS = ("ema", "model")
 
 
-def sit_official_entries(depth: int) -> list[Entry]:
-    """Every tensor of the official triplane SiT state_dict, in its order."""
+def sit_official_entries(depth: int, scanned: bool = True) -> list[Entry]:
+    """Every tensor of the official triplane SiT state_dict, in its order, for our layer-stack
+    layout (`scanned`: config.model.scan_layers)."""
     out: list[Entry] = []
 
     def add(key, path, kind="same", layer=None):
@@ -60,10 +66,10 @@ def sit_official_entries(depth: int) -> list[Entry]:
     linear("t_embedder.mlp.2", "t_embedder.fc2")
     add("y_embedder.embedding_table.weight", "y_embedder.embedding_table")
     for i in range(depth):
-        k, p = f"blocks.{i}", "blocks.blocks"
+        k, (p, r) = f"blocks.{i}", stack_entry("blocks.blocks", i, scanned)
         for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-            linear(f"{k}.{name}", f"{p}.{name}", i)
-        linear(f"{k}.adaLN_modulation.1", f"{p}.adaLN_modulation", i)
+            linear(f"{k}.{name}", f"{p}.{name}", r)
+        linear(f"{k}.adaLN_modulation.1", f"{p}.adaLN_modulation", r)
     for plane in ("xy", "yt", "xt"):
         linear(f"final_layer_{plane}.linear", f"final_layer_{plane}.linear")
         linear(f"final_layer_{plane}.adaLN_modulation.1", f"final_layer_{plane}.adaLN_modulation")
@@ -71,7 +77,7 @@ def sit_official_entries(depth: int) -> list[Entry]:
 
 
 def _depth_of(params: Mapping) -> int:
-    return int(params["blocks"]["blocks"]["adaLN_modulation"]["bias"].shape[0])
+    return stack_depth(params["blocks"]["blocks"], ("adaLN_modulation", "bias"))
 
 
 def _pos_embed_table(model_config: Any) -> np.ndarray:
@@ -90,7 +96,8 @@ def sit_to_official(params: Mapping, model_config: Any = None) -> dict[str, Any]
             raise ConversionError("the tree has no 'pos_embed_xy' (a Param-only tree?): pass the whole "
                                   "nnx.state(model), or model_config to recompute the fixed table")
         params = {**params, "pos_embed_xy": _pos_embed_table(model_config)}
-    return apply_entries(params, sit_official_entries(_depth_of(params)))
+    scanned = not is_per_layer(params["blocks"]["blocks"])
+    return apply_entries(params, sit_official_entries(_depth_of(params), scanned))
 
 
 def sit_official_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
@@ -151,7 +158,7 @@ def sit_from_official(arrays: Mapping[str, Any], model_config: Any, source: str 
     pos_embed_xy). Strict: every problem is listed in one ConversionError. Half precision is
     widened to float32 (exact)."""
     check_sit_official(arrays, model_config, source)
-    return tree_from_entries(arrays, sit_official_entries(validate_sit(model_config).depth))
+    return tree_from_entries(arrays, sit_official_entries(validate_sit(model_config).depth, scan_layers(model_config)))
 
 
 def unwrap_sit_checkpoint(obj: Mapping[str, Any], which: str = "ema") -> dict[str, Any]:

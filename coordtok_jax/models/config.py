@@ -198,6 +198,7 @@ def validate(cfg: Any) -> Geometry:
         raise ConfigError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     query_chunk(cfg)
     scan_unroll(cfg)
+    scan_layers(cfg)
     policy = _get(cfg, "remat_policy")
     if policy not in REMAT_POLICIES or (policy != "none" and not hasattr(jax.checkpoint_policies, policy)):
         raise ConfigError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
@@ -229,11 +230,22 @@ def query_chunk(cfg: Any) -> int:
 
 def scan_unroll(cfg: Any) -> int:
     """config.model.scan_unroll (optional, default 1): layers per iteration of the layer scan
-    (a number >= the depth unrolls the stack completely: no per-layer slicing of the stacked
-    parameters; measured on CPU in benchmarks/RESULTS.md). Parameters stay stacked either way."""
+    (a number >= the depth unrolls the stack completely; measured on CPU in benchmarks/RESULTS.md).
+    Parameters stay stacked either way; ignored with scan_layers=False."""
     v = cfg.get("scan_unroll", 1) if hasattr(cfg, "get") else getattr(cfg, "scan_unroll", 1)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ConfigError(f"config.model.scan_unroll must be a positive integer, got {v!r}")
+    return v
+
+
+def scan_layers(cfg: Any) -> bool:
+    """config.model.scan_layers (optional, default True): the layer stacks' parameter layout.
+    True: stacked on a leading 'layers' axis and run with lax.scan; False: one tree per layer
+    (`blocks.0`, ...) run in a Python loop (faster on CPU, longer compiles). A checkpoint holds the
+    layout it was trained with."""
+    v = cfg.get("scan_layers", True) if hasattr(cfg, "get") else getattr(cfg, "scan_layers", True)
+    if not isinstance(v, bool):
+        raise ConfigError(f"config.model.scan_layers must be True or False, got {v!r}")
     return v
 
 
@@ -245,4 +257,4 @@ def make_compute(cfg: Any, axis_rules=None):
     """The layers' Compute of a (validated) model config; `axis_rules` (e.g.
     `sharding.rules_of(config)`) turns on the activation sharding constraints."""
     return Compute(compute_dtype(cfg), _get(cfg, "attention_impl"), _get(cfg, "remat_policy"), query_chunk(cfg),
-                   freeze_rules(axis_rules), scan_unroll(cfg))
+                   freeze_rules(axis_rules), scan_unroll(cfg), scan_layers(cfg))

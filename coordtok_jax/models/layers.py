@@ -11,9 +11,14 @@ Conventions
 * Attention is `plain_attention` (XLA, heads next to the batch) or, by config, the cuDNN flash
   kernel on GPUs or query-chunked attention; logits are scaled by head_dim**-0.5 before the
   additive bias, as in PyTorch.
-* Layers of one kind are stacked (one parameter tree with a leading 'layers' axis) and run with
-  `jax.lax.scan`, optionally rematerialised with a named `jax.checkpoint_policies` policy. This is
-  the only layout: checkpoints and conversion use the stacked one.
+* Layers of one kind form a `Stack`, in one of two parameter layouts chosen by
+  `config.model.scan_layers` (as MaxText's `scan_layers`): True (default), one parameter tree with
+  a leading 'layers' axis run with `jax.lax.scan` (one compiled layer: short compiles of deep
+  models on accelerators); False, one tree per layer (`blocks.0`, `blocks.1`, ...) run as a Python
+  loop, which spares the scan's stacked residual and gradient buffers (on CPU the S step is ~20%
+  faster: benchmarks/RESULTS.md). Both run the same block function, optionally rematerialised with
+  a named `jax.checkpoint_policies` policy; checkpoints hold the layout they were trained with and
+  conversion to/from the official format reads and writes either.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Compute:
     query_chunk: int = 1024  # for attention_impl='chunked'
     rules: tuple = ()
     scan_unroll: int = 1  # layers per iteration of a Stack's scan
+    scan_layers: bool = True  # Stack parameter layout: stacked + lax.scan, or one tree per layer
 
     def constrain(self, x: jax.Array, names) -> jax.Array:
         """Pins `x` to its logical names' sharding under the context mesh (see sharding.py)."""
@@ -294,36 +300,50 @@ class CrossSelfBlock(nnx.Module):
 
 
 class Stack(nnx.Module):
-    """`num_layers` copies of a block, parameters stacked on a leading 'layers' axis.
+    """`num_layers` copies of a block: parameters stacked on a leading 'layers' axis and scanned
+    (`compute.scan_layers`, default), or one block per layer in `blocks.{i}` run in a loop.
 
-    `__call__(x, *args)` scans the blocks over `x` (B, L, D); `args` are passed unchanged to every
+    `__call__(x, *args)` runs the blocks over `x` (B, L, D); `args` are passed unchanged to every
     block. The carry is pinned to the residual-stream sharding at each block's entry and exit.
     """
 
     def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, compute: Compute,
                  rngs: nnx.Rngs):
-        remat_policy = compute.remat_policy
-        @nnx.split_rngs(splits=num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def create(r: nnx.Rngs) -> nnx.Module:
-            return make_block(r)
+        if compute.scan_layers:
+            @nnx.split_rngs(splits=num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def create(r: nnx.Rngs) -> nnx.Module:
+                return make_block(r)
 
-        # nnx.vmap would turn the logical names into shardings of whatever mesh is set; shardings
-        # come from the rules (sharding.py), so the stack is built as if no mesh were set.
-        with jax.sharding.use_abstract_mesh(sharding.NO_MESH):
-            self.blocks = create(rngs)
+            # nnx.vmap would turn the logical names into shardings of whatever mesh is set; shardings
+            # come from the rules (sharding.py), so the stack is built as if no mesh were set.
+            with jax.sharding.use_abstract_mesh(sharding.NO_MESH):
+                self.blocks = create(rngs)
+        else:
+            self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
         self.num_layers = num_layers
-        self.remat_policy = remat_policy
+        self.remat_policy = compute.remat_policy
         self.compute = compute
 
     def __call__(self, x: jax.Array, *args) -> jax.Array:
-        graphdef, state = nnx.split(self.blocks)
         pin = lambda t: self.compute.constrain(t, sharding.BLD)  # the residual stream, batch-split
+        scanned = self.compute.scan_layers
 
-        def body(carry, layer_state):
-            return pin(nnx.merge(graphdef, layer_state)(pin(carry), *args)), None
+        def layer_fn(graphdef):  # one block as a function of (carry, its parameters)
+            def body(carry, state):
+                return pin(nnx.merge(graphdef, state)(pin(carry), *args)), None
 
-        if self.remat_policy != "none":
-            body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy), prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state, unroll=min(self.compute.scan_unroll, self.num_layers))
+            if self.remat_policy == "none":
+                return body
+            # Inside lax.scan CSE cannot undo the remat; in the Python loop it could.
+            return jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy),
+                                  prevent_cse=not scanned)
+
+        if not scanned:
+            for block in self.blocks:
+                graphdef, state = nnx.split(block)
+                x, _ = layer_fn(graphdef)(x, state)
+            return x
+        graphdef, state = nnx.split(self.blocks)
+        x, _ = jax.lax.scan(layer_fn(graphdef), x, state, unroll=min(self.compute.scan_unroll, self.num_layers))
         return x

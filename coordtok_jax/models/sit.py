@@ -17,7 +17,8 @@ DiT/SiT with three planes instead of one image:
   `token_drop`, for classifier-free guidance).
 * `depth` adaLN-Zero blocks (LayerNorm without affine, eps 1e-6; x * (1 + scale) + shift;
   timm Attention with qkv bias; Mlp with tanh-approximate GELU; gates), stacked with
-  `layers.Stack` (one parameter tree with a leading 'layers' axis, lax.scan, optional remat).
+  `layers.Stack` (stacked on a 'layers' axis + lax.scan, or one tree per layer: model.scan_layers;
+  optional remat).
 * `final_layer_{xy,yt,xt}`: adaLN shift/scale, LayerNorm, Linear(D, p*p*out_channels);
   unpatchify 'nhwpqc->nchpwq' (token (i, j) features laid out (p, q, c) fill pixel
   (i*p + a, j*p + b)); learn_sigma: out_channels = 2C and the second C channels are discarded.
@@ -56,6 +57,8 @@ from coordtok_jax.models.config import (
     make_compute,
     positive_int,
     query_chunk,
+    scan_layers,
+    scan_unroll,
 )
 from coordtok_jax.models.encoder import learned
 from coordtok_jax.models.layers import XAVIER_UNIFORM, Attention, Compute, Stack, named, normal
@@ -144,6 +147,8 @@ def validate_sit(cfg: Any) -> SiTGeometry:
         raise ConfigError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, "
                           f"got {_get(cfg, 'attention_impl')!r}")
     query_chunk(cfg)
+    scan_unroll(cfg)
+    scan_layers(cfg)
     policy = _get(cfg, "remat_policy")
     if policy not in REMAT_POLICIES or (policy != "none" and not hasattr(jax.checkpoint_policies, policy)):
         raise ConfigError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")

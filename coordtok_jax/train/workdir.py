@@ -43,7 +43,7 @@ ABSENT_MEANS = {
     "model.nested_tokens": False, "model.token_blocks": 4, "model.token_levels": [0.25, 0.5, 0.75, 1.0],
     "model.token_order": "time_first",
     "model.pos_embed_t_init": "zeros", "data.synthetic_fast_fraction": 0.0, "data.synthetic_fast_motion": 1.0,
-    "data.synthetic_labels": False,
+    "data.synthetic_labels": False, "model.scan_layers": True,
 }
 
 LOCK_NAME = "LOCK"
