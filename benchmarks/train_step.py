@@ -1,7 +1,7 @@
 r"""Train-step throughput: step time, videos/s, MFU and peak memory.
 
     python benchmarks/train_step.py [--sizes=tiny,medium] [--steps=5] [--batch=0] [--dtype=float32]
-        [--remat=none] [--attention=default]
+        [--remat=none] [--attention=default] [--scan_layers=true]
 
 `medium` is the S model (Table 5 Small: width 512, 8 heads, 8/8/8 layers) on 32x64x64 clips with
 256 points; other names are configs/coordtok.py sizes (L, B, S, tiny) at their own geometry.
@@ -28,6 +28,7 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Videos per step (0 = the config's).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _REMAT = flags.DEFINE_string("remat", "none", "config.model.remat_policy.")
 _IMPL = flags.DEFINE_enum("attention", "default", ["default", "xla", "cudnn"], "Attention implementation.")
+_SCAN = flags.DEFINE_boolean("scan_layers", True, "config.model.scan_layers (false: one parameter tree per layer).")
 _STAGE = flags.DEFINE_integer("stage", 1, "Training stage (2 needs no LPIPS weights: lpips_weight is set to 0).")
 
 
@@ -49,6 +50,7 @@ def make_config(name):
             config.batch_size = _BATCH.value
         config.model.dtype = _DTYPE.value
         config.model.remat_policy = _REMAT.value
+        config.model.scan_layers = _SCAN.value
         config.model.attention_impl = None if _IMPL.value == "default" else _IMPL.value
         config.lpips_weight = 0.0
         config.mesh.shape = (1, 1)
@@ -68,7 +70,7 @@ def main(argv):
 
     dev = jax.devices()[0]
     print(f"device: {dev.platform} {getattr(dev, 'device_kind', '')}, jax {jax.__version__}, dtype {_DTYPE.value}, "
-          f"remat {_REMAT.value}, attention {_IMPL.value}, stage {_STAGE.value}")
+          f"remat {_REMAT.value}, attention {_IMPL.value}, scan_layers {_SCAN.value}, stage {_STAGE.value}")
     print("| config | params | batch | points/video | compile s | step ms (median) | videos/s | TFLOP/step | MFU | peak mem GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in _SIZES.value:
