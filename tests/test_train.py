@@ -433,26 +433,44 @@ def test_the_main_job_config_learns_what_no_constant_output_can(tmp_path):
     assert (tmp_path / "samples" / "step_00000300.png").exists() and (tmp_path / "psnr.png").exists()
 
 
-def test_a_per_layer_run_restores_bit_exact_and_refuses_the_scanned_layout(tmp_path):
-    """model.scan_layers=False (one parameter tree per layer): Orbax saves and restores that tree
-    (a resume from step 3 ends bit-exact with the straight run's step 6), and resuming it with the
-    stacked layout is refused, naming the field."""
-    import shutil
+def test_a_per_layer_state_round_trips_through_the_checkpointer_and_a_layout_change_is_refused(tmp_path):
+    """model.scan_layers=False (one parameter tree per layer, keys 0, 1, ...): the trainer's sharded
+    state (params + AdamW) and the data iterator save and restore exactly through the Checkpointer,
+    and a resume that switches the layout is refused by name (a run saved before the field existed
+    counts as stacked)."""
+    from coordtok_jax import sharding as sharding_lib
+    from coordtok_jax.data.pipeline import make_dataset
+    from coordtok_jax.io.checkpoint import Checkpointer, config_to_json
+    from coordtok_jax.train.state import make_optimizer, tokenizer_state
+    from coordtok_jax.train.workdir import config_differences
 
-    config = tiny(total_steps=6, save_every=3, eval_every=0, log_every=3, **{"model.scan_layers": False})
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = trainer.train(config, str(tmp_path))
-    blocks = summary["params"]["decoder"]["transformer"]["layers"]["blocks"]
-    assert sorted(blocks) == list(range(config.model.dec_num_layers))
-    want, _ = _params(tmp_path, summary["params"])
-    shutil.rmtree(tmp_path / "checkpoints" / "6")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        trainer.train(config, str(tmp_path))
-    assert f"resumed from {tmp_path}/checkpoints/3" in printed.getvalue()
-    got, step = _params(tmp_path, summary["params"])
-    assert step == 6
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(Exception, match="model.scan_layers: false -> true"):
-        trainer.train(tiny(total_steps=9, save_every=3, eval_every=0), str(tmp_path))
+    config = tiny(**{"model.scan_layers": False})
+    mesh = sharding_lib.make_mesh((4, 2), ("data", "fsdp"))
+    tx = make_optimizer(config)
+    plan = tokenizer_state(config, mesh, tx)
+    state = plan.create()
+    state = jax.tree.map(lambda x: x + 0.5 if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, state)
+    assert sorted(state.params["decoder"]["transformer"]["layers"]["blocks"]) == [0, 1]
+    shape = tuple(config.model.video_shape)
+    it = iter(make_dataset(config.data, shape, 2, process_index=0, process_count=1))
+    next(it)
+    ckpt = Checkpointer(str(tmp_path), keep_last=2)
+    ckpt.save(3, state, it, config, force=True)
+    ckpt.wait()
+    expected = next(it)
+    fresh = iter(make_dataset(config.data, shape, 2, process_index=0, process_count=1))
+    again = Checkpointer(str(tmp_path), keep_last=2)
+    restored = again.restore(3, plan.abstract, fresh)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(next(fresh)["video"], expected["video"])
+    again.close()
+    ckpt.close()
+
+    per_layer, stacked = config_to_json(config), config_to_json(tiny())
+    assert config_differences(per_layer, stacked)[0] == ["model.scan_layers: false -> true"]
+    del stacked["model"]["scan_layers"]  # a run saved before the field existed
+    assert config_differences(stacked, config_to_json(tiny())) == ([], [])
+    assert config_differences(stacked, per_layer)[0] == ['model.scan_layers: "<absent>" -> false']
