@@ -99,7 +99,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     m.remat_policy = "none"  # or a jax.checkpoint_policies name, e.g. 'nothing_saveable'.
     m.scan_unroll = 1  # layers per iteration of the layer scans (parameters stay stacked)
     # Layer stacks: True, parameters stacked on a 'layers' axis + lax.scan (short compiles);
-    # False, one parameter tree per layer in a Python loop (~20% faster steps on CPU).
+    # False, one parameter tree per layer in a Python loop (CPU training of S-sized models: ~15-25%
+    # faster steps; no gain for tiny / cpu; 3.4x longer compiles of L on TPU: benchmarks/RESULTS.md).
     m.scan_layers = True
     # Nested triplane tokens (models/nested.py; off = the official model): the temporal planes cut
     # into token_blocks blocks, each decodable at any of token_levels (fractions of its cells).

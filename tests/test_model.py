@@ -283,9 +283,11 @@ def test_per_layer_stacks_compute_what_the_scanned_ones_do():
     loop; given the scanned model's weights (moved through the official layout) it gives the same
     outputs and gradients (here through per-block remat; without remat: the PyTorch parity and
     checkpoint tests)."""
-    remat = "nothing_saveable"
     from coordtok_jax.convert.coordtok import from_official, to_official
     from coordtok_jax.convert.torch_io import model_from_params
+    from coordtok_jax.models.config import scan_layers
+
+    remat = "nothing_saveable"
 
     scanned = CoordTok(tiny(remat_policy=remat), rngs=nnx.Rngs(3))
     cfg = tiny(scan_layers=False, remat_policy=remat)
@@ -307,6 +309,5 @@ def test_per_layer_stacks_compute_what_the_scanned_ones_do():
     assert list(g_scan) == list(g_loop)
     for k in g_scan:
         np.testing.assert_allclose(np.asarray(g_loop[k]), np.asarray(g_scan[k]), rtol=1e-4, atol=1e-5, err_msg=k)
-    from coordtok_jax.models.config import scan_layers
     with pytest.raises(Exception, match="config.model.scan_layers must be True or False, got 'no'"):
         scan_layers({"scan_layers": "no"})
